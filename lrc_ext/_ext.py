@@ -5,14 +5,39 @@ The compiled module takes raw pointers; everything that knows about torch tensor
 """
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
+import sys
+from pathlib import Path
+
 import torch
 
-try:
-    from . import _C  # type: ignore[attr-defined]
-    _IMPORT_ERROR: Exception | None = None
-except ImportError as e:  # e.g. running from a source tree that was never built
-    _C = None
-    _IMPORT_ERROR = e
+
+def _load():
+    try:
+        from . import _C  # type: ignore[attr-defined]
+        return _C, None
+    except ImportError as e:
+        err = e
+    # Run from a source checkout (e.g. `python -m lrc_ext.train` in the repo root): the
+    # tree has no build, so use the compiled module of the installed copy, if any.
+    here = Path(__file__).resolve().parent
+    for entry in sys.path:
+        pkg = Path(entry or ".").resolve() / "lrc_ext"
+        if pkg == here or not pkg.is_dir():
+            continue
+        for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+            so = pkg / f"_C{suffix}"
+            if so.exists():
+                spec = importlib.util.spec_from_file_location("lrc_ext._C", so)
+                mod = importlib.util.module_from_spec(spec)
+                spec.loader.exec_module(mod)
+                sys.modules["lrc_ext._C"] = mod
+                return mod, None
+    return None, err
+
+
+_C, _IMPORT_ERROR = _load()
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # csrc/common.h
 

@@ -1,16 +1,7 @@
-import sys
-from pathlib import Path
+import pytest
+import torch
 
-# `python -m pytest` from the repository root puts the source tree first on sys.path;
-# unless it holds a built extension, test the installed package instead.
-_ROOT = Path(__file__).resolve().parent.parent
-if not any((_ROOT / "lrc_ext").glob("_C*.so")):
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _ROOT]
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from lrc_ext import _ext  # noqa: E402
+from lrc_ext import _ext
 
 HAS_CUDA = _ext.cuda_available()
 
