@@ -1,0 +1,167 @@
+"""Teacher families LRC supports, the student's config, and the stock-model export.
+
+The family is read from ``config.model_type`` only. Everything family-specific that the
+student needs (RoPE, attention function, RMSNorm class) is taken from the teacher's own
+transformers modules, so no modeling code is forked here.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import sys
+
+import torch
+from torch import nn
+
+SUPPORTED = ("llama", "qwen2", "qwen3", "mistral")
+
+# kind -> (submodule of a decoder layer, side). Input side: W_S = W_T @ P; output: P.T @ W_T.
+KINDS = {
+    "q": ("self_attn.q_proj", "in"),
+    "k": ("self_attn.k_proj", "in"),
+    "v": ("self_attn.v_proj", "in"),
+    "gate": ("mlp.gate_proj", "in"),
+    "up": ("mlp.up_proj", "in"),
+    "o": ("self_attn.o_proj", "out"),
+    "down": ("mlp.down_proj", "out"),
+}
+NORMS = ("input_layernorm", "post_attention_layernorm")
+
+
+def _refuse(why: str):
+    raise ValueError(f"LowRankClone: {why}. Supported: dense causal LMs of the families "
+                     f"{', '.join(SUPPORTED)} (RMSNorm, RoPE, GQA, SwiGLU, full attention).")
+
+
+def validate_teacher(teacher: nn.Module):
+    """Refuse anything the student cannot mirror exactly, with a message naming what works."""
+    cfg = getattr(teacher, "config", None)
+    mt = getattr(cfg, "model_type", None)
+    if mt not in SUPPORTED:
+        _refuse(f"teacher model_type {mt!r} is not supported")
+    if any(getattr(cfg, a, 0) for a in ("num_experts", "num_local_experts", "n_routed_experts")):
+        _refuse("mixture-of-experts teachers are not supported")
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
+        _refuse("sliding-window attention is not supported (set use_sliding_window=False)")
+    sw = getattr(cfg, "sliding_window", None)
+    # Qwen2/Qwen3 set sliding_window=None unless use_sliding_window; Mistral's is live when set
+    # (a window covering every position is a no-op and allowed).
+    if sw is not None and (mt == "mistral" or getattr(cfg, "use_sliding_window", False)) \
+            and sw < getattr(cfg, "max_position_embeddings", sw + 1):
+        _refuse(f"sliding-window attention is not supported (sliding_window={sw}; set it to None)")
+    base = getattr(teacher, "model", None)
+    if base is None or not hasattr(base, "layers") or teacher.get_output_embeddings() is None:
+        _refuse(f"expected a *ForCausalLM model with .model.layers and an LM head, got {type(teacher).__name__}")
+    for i, layer in enumerate(base.layers):
+        for name, side in KINDS.values():
+            lin = layer.get_submodule(name) if _has(layer, name) else None
+            if not isinstance(lin, nn.Linear):
+                _refuse(f"layer {i} has no nn.Linear {name} (MoE or non-SwiGLU MLP?)")
+            if side == "out" and lin.bias is not None:
+                _refuse(f"layer {i} {name} has a bias (attention_bias/mlp_bias on the output side)")
+        for n in NORMS:
+            if not type(getattr(layer, n, None)).__name__.endswith("RMSNorm"):
+                _refuse(f"layer {i} {n} is not an RMSNorm")
+    if not type(base.norm).__name__.endswith("RMSNorm"):
+        _refuse("the final norm is not an RMSNorm")
+    if teacher.get_output_embeddings().bias is not None:
+        _refuse("the LM head has a bias")
+
+
+def _has(mod: nn.Module, name: str) -> bool:
+    try:
+        mod.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
+def family_module(teacher: nn.Module):
+    """The teacher's transformers modeling module (apply_rotary_pos_emb, eager_attention_forward)."""
+    return sys.modules[type(teacher.model.layers[0].self_attn).__module__]
+
+
+def attention_function(teacher: nn.Module):
+    """The attention function the teacher's own layers use (sdpa, eager, flash...)."""
+    impl = teacher.config._attn_implementation
+    fam = family_module(teacher)
+    if impl in (None, "eager"):
+        return fam.eager_attention_forward
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def causal_mask(teacher: nn.Module, embeds: torch.Tensor, attention_mask, position_ids):
+    """The mask the teacher's own model forward would build (format depends on attention impl)."""
+    from transformers.masking_utils import create_causal_mask
+    kw = dict(config=teacher.config, inputs_embeds=embeds, attention_mask=attention_mask,
+              past_key_values=None, position_ids=position_ids)
+    if "cache_position" in inspect.signature(create_causal_mask).parameters:  # transformers < 5
+        kw["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    return create_causal_mask(**kw)
+
+
+def head_dim(teacher: nn.Module) -> int:
+    return teacher.model.layers[0].self_attn.head_dim
+
+
+def student_config(teacher: nn.Module, hidden_size: int, tie_word_embeddings: bool):
+    """The teacher's config with hidden_size=d_S and an explicit head_dim; raises when the
+    installed transformers refuses it (e.g. LlamaConfig wants hidden_size % heads == 0)."""
+    d = copy.deepcopy(teacher.config.to_dict())
+    d.update(hidden_size=hidden_size, head_dim=head_dim(teacher), tie_word_embeddings=tie_word_embeddings)
+    d.pop("_name_or_path", None)
+    cfg = type(teacher.config).from_dict(d)
+    if cfg.hidden_size != hidden_size or getattr(cfg, "head_dim", None) != d["head_dim"]:
+        raise ValueError(f"config did not keep hidden_size={hidden_size}, head_dim={d['head_dim']}")
+    return cfg
+
+
+def _width_ok(teacher, w, tie) -> bool:
+    try:
+        student_config(teacher, w, tie)
+        return True
+    except Exception:
+        return False
+
+
+def nearest_widths(teacher: nn.Module, width: int, tie: bool, limit: int = 4096):
+    """Closest exportable widths below and above `width` (within 1..d_T), for error messages."""
+    d_t = teacher.config.hidden_size
+    below = next((w for w in range(width - 1, max(0, width - limit), -1) if _width_ok(teacher, w, tie)), None)
+    above = next((w for w in range(width + 1, min(d_t, width + limit) + 1) if _width_ok(teacher, w, tie)), None)
+    return [w for w in (below, above) if w is not None]
+
+
+def check_width(teacher: nn.Module, width: int, tie: bool):
+    """Build the student config now, and a meta-device stock model from it, so a width that
+    cannot be exported fails at construction, naming the nearest widths that work."""
+    try:
+        cfg = student_config(teacher, width, tie)
+    except Exception as e:  # transformers' validation error types vary across versions
+        near = nearest_widths(teacher, width, tie)
+        raise ValueError(
+            f"student_hidden_size={width} cannot be exported as a {teacher.config.model_type} checkpoint "
+            f"with the installed transformers ({str(e).strip().splitlines()[-1].strip()}). "
+            f"Nearest widths that work: {near}") from None
+    from transformers import AutoModelForCausalLM
+    with torch.device("meta"):
+        stock = AutoModelForCausalLM.from_config(cfg)
+    return cfg, {k: tuple(v.shape) for k, v in stock.state_dict().items()}
+
+
+def build_stock_model(cfg, state_dict: dict, dtype: torch.dtype, device=None,
+                      attn_implementation: str | None = None):
+    """A stock transformers model of `cfg` holding `state_dict` (every key must be given)."""
+    from transformers import AutoModelForCausalLM
+    kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    # Built for real (not on meta): non-persistent buffers such as RoPE's inv_freq must be set up.
+    with torch.device(device or "cpu"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kw)
+    missing = set(model.state_dict()) - set(state_dict)
+    extra = set(state_dict) - set(model.state_dict())
+    if missing or extra:
+        raise RuntimeError(f"student state dict does not match the stock model: missing {sorted(missing)}, "
+                           f"unexpected {sorted(extra)}")
+    model.load_state_dict(state_dict, strict=True)
+    return model.eval()

@@ -1,0 +1,343 @@
+"""LowRankClone: a student cloned from a frozen stock transformers teacher (LRC_SPEC.md).
+
+Teacher (no_grad, its own decoder layers) and student run layer by layer in lockstep, so only
+one layer's clone targets are alive at a time. The student's math lives in one code path; the
+only calls that change with ``fused`` are ``clone_linear`` and ``distill_head``.
+
+Padding: the student works on the valid (attention_mask == 1) tokens only, packed into rows;
+they are scattered back to (B, S, .) just for attention. Padded tokens therefore count in no
+loss term and cost nothing in the linears.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import families as fam
+from .families import KINDS, NORMS
+from .modules import FusedCloneLinear, resolve_op
+
+
+@dataclass
+class LRCOutput:
+    """loss = lm + kl + alpha * sum(clone.values()); every term a 0-dim fp32 tensor.
+
+    ``clone`` always has the seven kinds (0 for a kind that is switched off), each summed over
+    layers. ``logits`` (B, S, V) only with ``return_logits=True``; padded positions hold 0.
+    """
+    loss: Tensor
+    lm: Tensor
+    kl: Tensor
+    clone: dict = field(default_factory=dict)
+    logits: Tensor | None = None
+
+
+class StudentLayer(nn.Module):
+    """One student decoder layer's trainable state: seven projections and two RMSNorms."""
+
+    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float):
+        super().__init__()
+        for kind, (name, side) in KINDS.items():
+            setattr(self, kind, FusedCloneLinear(t_layer.get_submodule(name), d_s, side, fused, init_std))
+        for n in NORMS:
+            setattr(self, n, _student_norm(getattr(t_layer, n), d_s))
+
+
+def _student_norm(t_norm: nn.Module, d_s: int) -> nn.Module:
+    # The family's own RMSNorm class, same eps, width d_S, weight 1.
+    w = t_norm.weight
+    return type(t_norm)(d_s, eps=t_norm.variance_epsilon).to(device=w.device, dtype=w.dtype)
+
+
+@contextlib.contextmanager
+def _capture(layer: nn.Module, kinds):
+    """Outputs of the teacher layer's linears of `kinds`, recorded by forward hooks."""
+    got = {}
+    hooks = [layer.get_submodule(KINDS[k][0]).register_forward_hook(
+        lambda m, i, o, k=k: got.__setitem__(k, o)) for k in kinds]
+    try:
+        yield got
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+class LowRankClone(nn.Module):
+    """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral) at width d_S.
+
+    Trainable: per layer seven projections (d_T, d_S) and two RMSNorms; P_emb, P_head (tied to
+    P_emb when ``tie_head``; default: when the teacher ties its embeddings) and the final norm.
+    """
+
+    def __init__(self, teacher: nn.Module, student_hidden_size: int, *, fused: bool | None = None,
+                 tau: float = 40.0, alpha: float = 0.5, use_lm: bool = True, use_kl: bool = True,
+                 use_clone: bool = True, clone_kinds=tuple(KINDS), tau_squared: bool = False,
+                 kl_reduction: str = "batchmean", attn_clone_space: str = "student",
+                 tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None):
+        super().__init__()
+        fam.validate_teacher(teacher)
+        d_t = teacher.config.hidden_size
+        d_s = student_hidden_size
+        if isinstance(d_s, bool) or not isinstance(d_s, int) or not 0 < d_s <= d_t:
+            raise ValueError(f"student_hidden_size must be an int in [1, {d_t}] (the teacher's "
+                             f"hidden_size), got {d_s!r}")
+        bad = set(clone_kinds) - set(KINDS)
+        if bad:
+            raise ValueError(f"clone_kinds: unknown kinds {sorted(bad)}; known: {list(KINDS)}")
+        if kl_reduction not in ("batchmean", "token"):
+            raise ValueError(f"kl_reduction must be 'batchmean' or 'token', got {kl_reduction!r}")
+        if attn_clone_space not in ("student", "teacher"):
+            raise ValueError(f"attn_clone_space must be 'student' or 'teacher', got {attn_clone_space!r}")
+        if not tau > 0:
+            raise ValueError(f"tau must be > 0, got {tau!r}")
+        if not alpha >= 0:
+            raise ValueError(f"alpha must be >= 0, got {alpha!r}")
+
+        teacher.requires_grad_(False)
+        teacher.eval()
+        self.teacher = teacher
+        self.fused, self.tau, self.alpha = fused, float(tau), float(alpha)
+        self.use_lm, self.use_kl, self.tau_squared = bool(use_lm), bool(use_kl), bool(tau_squared)
+        self.clone_kinds = tuple(k for k in KINDS if use_clone and k in clone_kinds)
+        self.kl_reduction, self.attn_clone_space = kl_reduction, attn_clone_space
+        self.tokenizer = tokenizer
+
+        emb, head = teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight
+        teacher_tied = emb is head
+        self.tie_head = teacher_tied if tie_head is None else bool(tie_head)
+        # Refuse a width that cannot be exported now, not after training.
+        self.student_config, stock_shapes = fam.check_width(teacher, d_s, self.tie_head and teacher_tied)
+
+        def proj():
+            return nn.Parameter(torch.empty(d_t, d_s, dtype=emb.dtype, device=emb.device).normal_(0.0, init_std))
+        self.p_emb = proj()
+        self.p_head = None if self.tie_head else proj()
+        base = teacher.model
+        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std) for tl in base.layers)
+        self.norm = _student_norm(base.norm, d_s)
+        self._fam = fam.family_module(teacher)
+
+        ours = {k: shape for k, (shape, _) in self._export_entries().items()}
+        if ours != stock_shapes:
+            raise RuntimeError(f"LowRankClone: student tensors do not match the stock "
+                               f"{teacher.config.model_type} model: {sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
+
+    # ---- public helpers -------------------------------------------------------------------
+    @property
+    def head_proj(self) -> nn.Parameter:
+        return self.p_emb if self.p_head is None else self.p_head
+
+    @property
+    def student_hidden_size(self) -> int:
+        return self.p_emb.shape[1]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.teacher.eval()  # the teacher never trains (no dropout)
+        return self
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def trainable_state_dict(self) -> dict:
+        """Projections and student norms only (the teacher is not repeated in checkpoints)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("teacher.")}
+
+    def load_trainable_state_dict(self, sd: dict):
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not k.startswith("teacher.")]
+        if missing or unexpected:
+            raise RuntimeError(f"load_trainable_state_dict: missing {missing}, unexpected {unexpected}")
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
+                return_logits: bool = False) -> LRCOutput:
+        """Losses of a batch. ``labels``: transformers convention (same shape as input_ids,
+        shifted here, -100 ignored); None means input_ids. Padded tokens count in no term."""
+        input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
+        return self._run(input_ids, attention_mask, labels, with_teacher=True, return_logits=return_logits)
+
+    def student_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """The student's (B, S, V) logits alone, without running the teacher (padded positions: 0)."""
+        input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None)
+        return self._run(input_ids, attention_mask, None, with_teacher=False, return_logits=True).logits
+
+    def _check_inputs(self, input_ids, attention_mask, labels):
+        dev, vocab = self.p_emb.device, self.teacher.get_input_embeddings().weight.shape[0]
+
+        def as_ids(name, t):
+            if not torch.is_tensor(t) or t.dim() != 2 or t.dtype.is_floating_point or t.dtype.is_complex \
+                    or t.dtype == torch.bool or t.numel() == 0:
+                raise ValueError(f"{name}: expected a non-empty 2-D integer tensor (batch, seq), got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+            return t.to(dev)
+
+        input_ids = as_ids("input_ids", input_ids)
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= vocab:
+            raise ValueError(f"input_ids: ids must be in [0, {vocab}) (the teacher's vocabulary), got min {lo}, max {hi}")
+        if attention_mask is not None:
+            if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
+                raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got "
+                                 f"{tuple(getattr(attention_mask, 'shape', ()))}")
+            attention_mask = attention_mask.to(dev)
+            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+                raise ValueError("attention_mask: values must be 0 (padding) or 1")
+            if not bool(attention_mask.any()):
+                raise ValueError("attention_mask: every token is padding")
+            attention_mask = attention_mask.long()
+        if labels is not None:
+            labels = as_ids("labels", labels)
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids (shifted "
+                                 f"inside), got {tuple(labels.shape)}")
+            if not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
+                raise ValueError(f"labels: values must be in [0, {vocab}) or -100 (ignored)")
+        return input_ids, attention_mask, labels
+
+    def _run(self, input_ids, attention_mask, labels, with_teacher: bool, return_logits: bool) -> LRCOutput:
+        B, S = input_ids.shape
+        base = self.teacher.model
+        if attention_mask is None or bool(attention_mask.all()):
+            rows, pos = None, torch.arange(S, device=input_ids.device).expand(B, S)
+        else:
+            rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+
+        def pick(z):  # (B, S, w) -> valid rows (N, w)
+            z = z.reshape(B * S, z.shape[-1])
+            return z if rows is None else z.index_select(0, rows)
+
+        def unpick(z):  # (N, w) -> (B, S, w), padded rows 0
+            if rows is not None:
+                z = z.new_zeros(B * S, z.shape[-1]).index_copy(0, rows, z)
+            return z.view(B, S, -1)
+
+        with torch.no_grad():
+            e_t = base.embed_tokens(input_ids)  # E_T[ids]: the teacher's layer-0 input
+            mask = fam.causal_mask(self.teacher, e_t, attention_mask, pos)
+            cos_sin = base.rotary_emb(e_t, pos)
+        x_s = pick(e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
+        x_t = e_t
+        clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
+        need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
+        for sl, tl in zip(self.layers, base.layers):
+            tgt = None
+            if need_teacher:
+                with torch.no_grad(), _capture(tl, self.clone_kinds) as tgt:
+                    out = tl(x_t, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+                x_t = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+            x_s = self._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, tgt, clone, pick, unpick,
+                                      (B, S), mask, cos_sin, pos)
+
+        zero = torch.zeros((), dtype=torch.float32, device=x_s.device)
+        lm = kl = zero
+        if with_teacher and (self.use_lm or self.use_kl):
+            nxt = pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
+            keep = (nxt != -100).nonzero().squeeze(1)
+            h_s = self.norm(x_s.index_select(0, keep))
+            h_t = (base.norm(pick(x_t).index_select(0, keep)) if need_teacher
+                   else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
+            lm, kl = resolve_op("distill_head", self.fused)(
+                h_s, h_t, self.teacher.get_output_embeddings().weight.detach(), self.head_proj,
+                nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
+                kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=B,
+                tau_squared=self.tau_squared)
+        logits = None
+        if return_logits:
+            w_head = self.teacher.get_output_embeddings().weight.detach() @ self.head_proj
+            logits = unpick(F.linear(self.norm(x_s), w_head))
+        total = lm + kl + self.alpha * sum(clone.values())
+        return LRCOutput(loss=total, lm=lm, kl=kl, clone=clone, logits=logits)
+
+    def _student_layer(self, sl, attn, act_fn, x, tgt, clone, pick, unpick, bs, mask, cos_sin, pos):
+        """One student decoder layer on the valid rows x (N, d_S), mirroring the family's layer."""
+        def lin(kind, inp):
+            target = None
+            if tgt is not None and kind in tgt and not (kind == "o" and self.attn_clone_space == "teacher"):
+                target = pick(tgt[kind])
+            y = getattr(sl, kind)(inp, target, fused=self.fused)
+            if target is not None:
+                y, mse = y
+                clone[kind] = clone[kind] + mse
+            return y
+
+        B, S = bs
+        hd = attn.head_dim
+        a = sl.input_layernorm(x)
+        q, k, v = (unpick(lin(n, a)).view(B, S, -1, hd) for n in ("q", "k", "v"))
+        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms on head_dim, the teacher's as they are
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (z.transpose(1, 2) for z in (q, k, v))
+        q, k = self._fam.apply_rotary_pos_emb(q, k, *cos_sin)
+        att, _ = fam.attention_function(self.teacher)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
+                                                      position_ids=pos)
+        att = pick(att.reshape(B, S, -1))
+        o = lin("o", att)
+        if tgt is not None and "o" in tgt and self.attn_clone_space == "teacher":
+            # authors' form: MSE(att_S @ W_o.T, o_T) in the teacher's space
+            d = (F.linear(att, sl.o.teacher.weight.detach()) - pick(tgt["o"])).float()
+            clone["o"] = clone["o"] + (d * d).mean()
+        x = x + o
+        b = sl.post_attention_layernorm(x)
+        return x + lin("down", act_fn(lin("gate", b)) * lin("up", b))
+
+    # ---- export ---------------------------------------------------------------------------
+    def _export_entries(self) -> dict:
+        """Stock student key -> (shape, thunk making the tensor). Keys are the teacher's own."""
+        t, d_s = self.teacher, self.student_hidden_size
+        emb, head = t.get_input_embeddings().weight, t.get_output_embeddings().weight
+        ents = {
+            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: emb.detach() @ self.p_emb),
+            "lm_head.weight": ((head.shape[0], d_s), lambda: head.detach() @ self.head_proj),
+            "model.norm.weight": ((d_s,), lambda: self.norm.weight),
+        }
+        for i, (sl, tl) in enumerate(zip(self.layers, t.model.layers)):
+            p = f"model.layers.{i}."
+            for kind, (name, _) in KINDS.items():
+                lin = getattr(sl, kind)
+                ents[p + name + ".weight"] = ((lin.out_features, lin.in_features), lin.student_weight)
+            for n in NORMS:
+                ents[p + n + ".weight"] = ((d_s,), getattr(sl, n).weight.detach)
+            for k, v in tl.state_dict(keep_vars=True).items():  # q/k/v biases, Qwen3 q/k norms: as they are
+                ents.setdefault(p + k, (tuple(v.shape), v.detach))
+        return ents
+
+    @torch.no_grad()
+    def student_state_dict(self) -> dict:
+        """Materialised weights of the stock student (keys of the teacher's family)."""
+        return {k: make().detach().clone().contiguous() for k, (_, make) in self._export_entries().items()}
+
+    def build_student_model(self, device=None):
+        """A stock transformers model (the teacher's family, hidden_size=d_S) with the student's weights."""
+        return fam.build_stock_model(self.student_config, self.student_state_dict(), self.p_emb.dtype,
+                                     device=device or self.p_emb.device,
+                                     attn_implementation=self.teacher.config._attn_implementation)
+
+    def export(self, path, tokenizer=None):
+        """Save a standard HF checkpoint (safetensors + config + the teacher's tokenizer if known)
+        that ``AutoModelForCausalLM.from_pretrained(path)`` loads without lrc_ext."""
+        model = self.build_student_model()
+        if getattr(self.teacher, "generation_config", None) is not None:
+            model.generation_config = copy.deepcopy(self.teacher.generation_config)
+        model.save_pretrained(path, safe_serialization=True)
+        tok = tokenizer if tokenizer is not None else self.tokenizer
+        if tok is not None:
+            tok.save_pretrained(path)
+        return path
+
+
+def _shift_labels(labels: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """Next-token targets (B, S): position t predicts labels[t + 1]; -100 where either end is padding."""
+    nxt = torch.full_like(labels, -100)
+    nxt[:, :-1] = labels[:, 1:]
+    if attention_mask is not None:
+        ok = attention_mask.bool()
+        ok[:, :-1] &= attention_mask[:, 1:].bool()
+        nxt = nxt.masked_fill(~ok, -100)
+    return nxt

@@ -1,0 +1,78 @@
+"""FusedCloneLinear: a student linear cloned from a frozen teacher nn.Linear (LRC_SPEC "Trainable
+parameters"), and the one switch that picks fused or reference ops."""
+from __future__ import annotations
+
+import importlib
+
+import torch
+from torch import nn
+
+_SIDES = ("in", "out")
+
+
+def resolve_op(name: str, fused: bool | None):
+    """``lrc_ext.ops.<name>.<name>`` (the fused op) or its ``<name>_reference``.
+
+    fused=False: always the reference. fused=True/None: the fused op when that module defines it,
+    else the reference, so the same model code runs before and after the kernels land.
+    """
+    mod = importlib.import_module(f"lrc_ext.ops.{name}")
+    ref = getattr(mod, f"{name}_reference")
+    if fused is False:
+        return ref
+    return getattr(mod, name, None) or ref
+
+
+class FusedCloneLinear(nn.Module):
+    """Student linear with weight ``W_T @ P`` (side="in") or ``P.T @ W_T`` (side="out").
+
+    Only ``proj`` (d_T, d_S), N(0, init_std), is a parameter. The teacher nn.Linear is held by
+    reference, not registered, so its weight is neither copied nor listed twice in
+    parameters()/state_dict(); move the teacher yourself when using this module on its own.
+    ``forward(x)`` returns y; ``forward(x, target)`` returns (y, mse) with mse the mean of
+    (y - target)^2 (target in the teacher's width for side="out": compared as target @ P).
+    """
+
+    def __init__(self, teacher_linear: nn.Linear, student_features: int, side: str = "in",
+                 fused: bool | None = None, init_std: float = 0.02):
+        super().__init__()
+        if side not in _SIDES:
+            raise ValueError(f"FusedCloneLinear: side must be 'in' or 'out', got {side!r}")
+        if not isinstance(teacher_linear, nn.Linear):
+            raise TypeError(f"FusedCloneLinear: teacher_linear must be an nn.Linear, got {type(teacher_linear).__name__}")
+        if side == "out" and teacher_linear.bias is not None:
+            raise ValueError("FusedCloneLinear: an output-side teacher linear with a bias is not supported")
+        w = teacher_linear.weight
+        d_t = w.shape[1] if side == "in" else w.shape[0]
+        if not 0 < int(student_features) <= d_t:
+            raise ValueError(f"FusedCloneLinear: student_features must be in [1, {d_t}], got {student_features}")
+        self.__dict__["teacher"] = teacher_linear  # plain attribute: bypasses Module registration
+        self.side, self.fused = side, fused
+        self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=w.dtype, device=w.device))
+        nn.init.normal_(self.proj, 0.0, init_std)
+
+    @property
+    def in_features(self) -> int:
+        return self.proj.shape[1] if self.side == "in" else self.teacher.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.teacher.out_features if self.side == "in" else self.proj.shape[1]
+
+    def student_weight(self) -> torch.Tensor:
+        """The materialised W_S (out_S, in_S), for export."""
+        w = self.teacher.weight.detach()
+        return w @ self.proj if self.side == "in" else self.proj.t() @ w
+
+    def student_bias(self):
+        b = self.teacher.bias if self.side == "in" else None
+        return None if b is None else b.detach()
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None):
+        op = resolve_op("clone_linear", self.fused if fused is None else fused)
+        # detach: the teacher stays frozen even if the caller left requires_grad on its weights
+        y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side)
+        return y if target is None else (y, mse)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, side={self.side!r}"

@@ -1,0 +1,59 @@
+"""Tiny random teachers of every supported family, built from configs (no downloads).
+
+    from _tiny import tiny_teacher, FAMILIES   # tests/ is on sys.path under pytest
+    teacher = tiny_teacher("qwen2", tie=False, layers=2)
+"""
+from __future__ import annotations
+
+import torch
+
+FAMILIES = ("llama", "qwen2", "qwen3", "mistral")
+D_T, HEADS, KV_HEADS, HEAD_DIM, FFN, VOCAB = 64, 4, 2, 16, 96, 128
+
+
+def tiny_config(family: str, *, tie: bool = False, layers: int = 2, attn: str = "sdpa", **over):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+    kw = dict(hidden_size=D_T, intermediate_size=FFN, num_hidden_layers=layers, num_attention_heads=HEADS,
+              num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=256,
+              tie_word_embeddings=tie, rms_norm_eps=1e-6)
+    if family == "llama":
+        cfg = LlamaConfig(**kw, **over)
+    elif family == "qwen2":  # q/k/v biases
+        cfg = Qwen2Config(**kw, **over)
+    elif family == "qwen3":  # per-head q/k norms, explicit head_dim
+        cfg = Qwen3Config(**kw, head_dim=HEAD_DIM, **over)
+    elif family == "mistral":
+        cfg = MistralConfig(**{**kw, "sliding_window": None, **over})
+    else:
+        raise ValueError(family)
+    cfg._attn_implementation = attn
+    return cfg
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1):
+    """Non-trivial values everywhere, including norms and biases (stock init leaves them 1 / 0)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            else:
+                p.normal_(0.0, std if p.dim() > 1 else 0.5)
+    return model
+
+
+def tiny_teacher(family: str, *, tie: bool = False, layers: int = 2, dtype=torch.float32, attn: str = "sdpa",
+                 **over):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_config(tiny_config(family, tie=tie, layers=layers, attn=attn, **over))
+    return randomize_(model).to(dtype).eval()
+
+
+def tiny_tokenizer():
+    """A word-level fast tokenizer over the tiny vocabulary (for export round trips)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {f"w{i}": i for i in range(VOCAB - 1)}
+    vocab["<unk>"] = VOCAB - 1
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
