@@ -7,11 +7,43 @@ projection, plus the activation-clone MSE (LRC_SPEC "Losses").
 x: (..., in_S); weight W_T: (out_T, in_T); proj P: (d_T, d_S); bias: (out_T,) or None.
 Returns (y, mse) with mse the 0-dim fp32 mean of (y - target')^2, or (y, None) when no
 target is given.
+
+``clone_linear`` is the fused op (kernels: csrc/clone_linear.{cpp,cu}); how it runs:
+
+forward   W_S = W_T @ P (or P.T @ W_T), once, kept for the backward (never recomputed);
+          y = x @ W_S.T (+ bias)                                   [cuBLAS / CPU BLAS]
+          t = target (in) or target @ P (out, a temporary)
+          one pass of our epilogue kernel: d = y - t, written over t's temporary on the
+          output side, and sum(d^2)/numel with a fixed reduction order
+          (out side, when P needs a gradient) G_t = target.T @ d, (d_T, d_S): the part of
+          grad P that flows through the target y_T @ P, so y_T itself is not kept.
+          Saved for backward: x, W_T, P (all held by the caller anyway), W_S, d, G_t:
+          ONE (N, out) buffer, d, in the input dtype; not y_S, not y_T.
+backward  one pass of our merge kernel: g = grad_y + (2 grad_mse / numel) d
+          (grad_mse read on the device: no host sync); then
+          grad_x = g @ W_S;  grad_W_S = g.T @ x;
+          grad_P = W_T.T @ grad_W_S (in) or W_T @ grad_W_S.T - (2 grad_mse / numel) G_t (out).
+          Gradients for the target, W_T and bias are produced too when (and only when) they
+          require grad; a frozen teacher costs nothing.
+
+Dtypes: fp32, bf16, fp16 (and fp64 on the CPU), all inputs the same dtype; under
+torch.autocast the floating inputs (fp64 excepted) are cast to the autocast dtype first,
+as autocast does for a matmul. The MSE is fp32 (fp64 for fp64 inputs, so that gradcheck
+sees full precision; the reference returns fp32 there).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from .. import _ext
+
+_OP = "clone_linear"
+_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
+_NEEDS = ("x", "weight", "proj", "bias", "target")
 
 
 def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
@@ -30,3 +62,276 @@ def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor
     # (d*d).mean() keeps only the difference alive for backward, not both y and target.
     d = (y - tgt).float()
     return y, (d * d).mean()
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lrc_ext.{_OP}: {msg}")
+
+
+def _dt(t: Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")
+
+
+def _check_same(name: str, t: Tensor, x: Tensor, ndim: int):
+    _ext.check(_OP, name, t, ndim=ndim)
+    if t.dtype != x.dtype:
+        raise _err(f"argument '{name}' has dtype {_dt(t)} but 'x' has {_dt(x)}: all inputs must share one dtype "
+                   f"(cast them, or run under torch.autocast, which casts them)")
+    _ext.check(_OP, name, t, device=x.device)
+
+
+def _validate(x, weight, proj, bias, target, side: str, x_ndim: int | None = None):
+    """Shapes, dtypes and devices; raises a ValueError naming the op and the argument."""
+    if side not in ("in", "out"):
+        raise _err(f"argument 'side' must be 'in' or 'out', got {side!r}")
+    _ext.check(_OP, "x", x, ndim=x_ndim)
+    if x.dim() < 1:
+        raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
+    _ext.check(_OP, "x", x, dtypes=_DTYPES_CUDA if x.device.type == "cuda" else _DTYPES_CPU)
+    _check_same("weight", weight, x, 2)
+    _check_same("proj", proj, x, 2)
+    out_t, in_t = weight.shape
+    d_t, d_s = proj.shape
+    if side == "in":
+        if d_t != in_t:
+            raise _err(f"argument 'proj' must have weight.shape[1] = {in_t} rows on the input side "
+                       f"(W_S = weight @ proj), got shape {tuple(proj.shape)} with weight {tuple(weight.shape)}")
+        in_s, t_width = d_s, out_t
+    else:
+        if d_t != out_t:
+            raise _err(f"argument 'proj' must have weight.shape[0] = {out_t} rows on the output side "
+                       f"(W_S = proj.T @ weight), got shape {tuple(proj.shape)} with weight {tuple(weight.shape)}")
+        in_s, t_width = in_t, out_t
+    if x.shape[-1] != in_s:
+        raise _err(f"argument 'x' must have last dimension {in_s} (the student's input width for side={side!r}: "
+                   f"{'proj.shape[1]' if side == 'in' else 'weight.shape[1]'}), got shape {tuple(x.shape)}")
+    if bias is not None:
+        if side == "out":
+            raise _err("argument 'bias' is only supported on the input side (side='in'); an output-side teacher "
+                       "bias has no direct student counterpart")
+        _check_same("bias", bias, x, 1)
+        if bias.shape[0] != out_t:
+            raise _err(f"argument 'bias' must have shape ({out_t},), got {tuple(bias.shape)}")
+    if target is not None:
+        _check_same("target", target, x, None)
+        want = (*x.shape[:-1], t_width)
+        if tuple(target.shape) != want:
+            raise _err(f"argument 'target' must have shape {want} (x's leading dimensions and the teacher's output "
+                       f"width {t_width}{', compared as target @ proj' if side == 'out' else ''}), "
+                       f"got {tuple(target.shape)}")
+
+
+def _rows_ok(t: Tensor) -> bool:
+    """2-D with unit column stride and non-overlapping rows: what our kernels take."""
+    return (t.size(1) <= 1 or t.stride(1) == 1) and (t.size(0) <= 1 or t.stride(0) >= t.size(1))
+
+
+# ----------------------------------------------------------------------------- kernels
+
+def _epilogue(y: Tensor, t: Tensor, d: Tensor) -> Tensor:
+    """d = y - t (d may be t), returns mean(d^2) as a 0-dim tensor."""
+    rows, cols = y.shape
+    inv_numel = 1.0 / (rows * cols) if rows * cols else float("nan")
+    if y.device.type == "cpu":
+        c = _ext.lib(_OP)
+        s = c.clone_linear_epilogue_cpu(y.data_ptr(), _ext.row_stride(y), t.data_ptr(), _ext.row_stride(t),
+                                        d.data_ptr(), _ext.row_stride(d), rows, cols, _ext.DTYPE_CODES[y.dtype],
+                                        inv_numel)
+        return torch.tensor(s, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
+    c = _ext.require_cuda(_OP)
+    with torch.cuda.device(y.device):
+        mse = torch.empty((), dtype=torch.float32, device=y.device)
+        ws = torch.empty(c.clone_linear_epilogue_cuda_workspace(rows, cols), dtype=torch.float32, device=y.device)
+        c.clone_linear_epilogue_cuda(y.data_ptr(), _ext.row_stride(y), t.data_ptr(), _ext.row_stride(t),
+                                     d.data_ptr(), _ext.row_stride(d), rows, cols, _ext.DTYPE_CODES[y.dtype],
+                                     inv_numel, mse.data_ptr(), ws.data_ptr(), _ext.stream(y))
+    return mse
+
+
+def _merge(grad_y: Tensor | None, d: Tensor, grad_mse: Tensor, k: float) -> Tensor:
+    """g = grad_y + grad_mse * k * d in one pass (grad_y None: g = grad_mse * k * d)."""
+    rows, cols = d.shape
+    g = torch.empty((rows, cols), dtype=d.dtype, device=d.device)
+    gy_ptr, gy_ld = (grad_y.data_ptr(), _ext.row_stride(grad_y)) if grad_y is not None else (0, 0)
+    if d.device.type == "cpu":
+        _ext.lib(_OP).clone_linear_merge_cpu(gy_ptr, gy_ld, d.data_ptr(), _ext.row_stride(d), g.data_ptr(), cols,
+                                             rows, cols, _ext.DTYPE_CODES[d.dtype], float(grad_mse) * k)
+        return g
+    c = _ext.require_cuda(_OP)
+    gm = grad_mse.to(torch.float32).contiguous()
+    with torch.cuda.device(d.device):
+        c.clone_linear_merge_cuda(gy_ptr, gy_ld, d.data_ptr(), _ext.row_stride(d), g.data_ptr(), cols, rows, cols,
+                                  _ext.DTYPE_CODES[d.dtype], gm.data_ptr(), float(k), _ext.stream(d))
+    return g
+
+
+def _no_autocast(t: Tensor):
+    return torch.autocast(t.device.type, enabled=False)
+
+
+# ----------------------------------------------------------------------------- forward op
+
+@torch.library.custom_op("lrc_ext::clone_linear", mutates_args=())
+def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
+                     side_out: bool, target_proj_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x 2-D (N, in_S), target 2-D or None. Returns (y, mse, W_S, d, G_t); d and G_t are
+    empty when not computed (no target; G_t only on the output side with target_proj_grad)."""
+    _validate(x, weight, proj, bias, target, "out" if side_out else "in", x_ndim=2)
+    with _no_autocast(x):
+        w_s = proj.t() @ weight if side_out else weight @ proj
+        y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
+        empty = x.new_empty(0)
+        if target is None:
+            return y, x.new_zeros((), dtype=_mse_dtype(x)), w_s, empty, empty.clone()
+        if side_out:
+            d = t = torch.mm(target, proj)  # our temporary: d overwrites it
+        else:
+            t = target if _rows_ok(target) else target.contiguous()
+            d = torch.empty_like(y)
+        mse = _epilogue(y, t, d)
+        g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else empty.clone()
+    return y, mse, w_s, d, g_t
+
+
+def _mse_dtype(x: Tensor):
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+@_clone_linear_op.register_fake
+def _(x, weight, proj, bias, target, side_out, target_proj_grad):
+    out_s = proj.shape[1] if side_out else weight.shape[0]
+    in_s = weight.shape[1] if side_out else proj.shape[1]
+    y = x.new_empty((x.shape[0], out_s))
+    w_s = x.new_empty((out_s, in_s))
+    mse = x.new_empty((), dtype=_mse_dtype(x))
+    d = x.new_empty((x.shape[0], out_s)) if target is not None else x.new_empty(0)
+    g_t = x.new_empty(tuple(proj.shape)) if (target is not None and side_out and target_proj_grad) else x.new_empty(0)
+    return y, mse, w_s, d, g_t
+
+
+def _setup(ctx, inputs, output):
+    x, weight, proj, bias, target, side_out, target_proj_grad = inputs
+    y, mse, w_s, d, g_t = output
+    ctx.save_for_backward(x, weight, proj, w_s, d, g_t)
+    ctx.side_out = side_out
+    ctx.has_target = target is not None
+    ctx.target_shape = tuple(target.shape) if target is not None else None
+
+
+def _backward(ctx, grad_y, grad_mse, _g_ws, _g_d, _g_gt):
+    x, weight, proj, w_s, d, g_t = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])
+    if not ctx.has_target:
+        needs[4] = False
+        grad_mse = None
+    if ctx.side_out and ctx.has_target and needs[2] and grad_mse is not None and g_t.numel() == 0:
+        raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
+                           f"call lrc_ext.ops.clone_linear(), which sets it")
+    grads = torch.ops.lrc_ext.clone_linear_backward(grad_y, grad_mse, x, weight, proj, w_s, d, g_t, ctx.side_out,
+                                                    needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+_clone_linear_op.register_autograd(_backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------- backward op
+
+@torch.library.custom_op("lrc_ext::clone_linear_backward", mutates_args=())
+def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tensor], x: Tensor, weight: Tensor,
+                              proj: Tensor, w_s: Tensor, d: Tensor, g_t: Tensor, side_out: bool,
+                              needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, weight, proj, bias, target); empty tensors for those not in needs."""
+    need_x, need_w, need_p, need_b, need_t = needs
+    empty = x.new_empty(0)
+    n, out_s = x.shape[0], w_s.shape[0]
+    numel = n * out_s
+    use_mse = grad_mse is not None and d.numel() > 0
+    k = 2.0 / numel if numel else 0.0
+    with _no_autocast(x):
+        if grad_y is not None and not _rows_ok(grad_y):
+            grad_y = grad_y.contiguous()  # e.g. the expanded gradient of y.sum()
+        if use_mse:
+            g = _merge(grad_y, d, grad_mse, k)
+        elif grad_y is not None:
+            g = grad_y
+        else:
+            g = x.new_zeros((n, out_s))
+        gx = torch.mm(g, w_s) if need_x else empty
+        gws = torch.mm(g.t(), x) if (need_w or need_p) else None
+        if need_p:
+            if side_out:
+                gp = torch.mm(weight, gws.t())
+                if use_mse:
+                    gp.addcmul_(g_t, grad_mse.to(gp.dtype if gp.dtype == torch.float64 else torch.float32), value=-k)
+            else:
+                gp = torch.mm(weight.t(), gws)
+        else:
+            gp = empty.clone()
+        if need_w:
+            gw = torch.mm(gws, proj.t()) if not side_out else torch.mm(proj, gws)
+        else:
+            gw = empty.clone()
+        gb = g.sum(0) if need_b else empty.clone()
+        if need_t:
+            if use_mse:
+                s = grad_mse.to(torch.float64 if d.dtype == torch.float64 else torch.float32) * (-k)
+                gt = (torch.mm(d, proj.t()) if side_out else d) * s
+                gt = gt.to(d.dtype)
+            else:
+                gt = x.new_zeros((n, proj.shape[0] if side_out else out_s))
+        else:
+            gt = empty.clone()
+    return gx, gw, gp, gb, gt
+
+
+@_clone_linear_backward_op.register_fake
+def _(grad_y, grad_mse, x, weight, proj, w_s, d, g_t, side_out, needs):
+    need_x, need_w, need_p, need_b, need_t = needs
+    n, out_s = x.shape[0], w_s.shape[0]
+
+    def maybe(need, shape):
+        return x.new_empty(shape) if need else x.new_empty(0)
+    return (maybe(need_x, tuple(x.shape)), maybe(need_w, tuple(weight.shape)), maybe(need_p, tuple(proj.shape)),
+            maybe(need_b, (out_s,)), maybe(need_t, (n, proj.shape[0] if side_out else out_s)))
+
+
+# ----------------------------------------------------------------------------- public API
+
+def _autocast(x: Tensor, *ts):
+    """Cast as torch.autocast casts a matmul's inputs: floating, not fp64, on x's device type."""
+    dev = x.device.type
+    if dev not in ("cpu", "cuda") or not torch.is_autocast_enabled(dev):
+        return (x, *ts)
+    dt = torch.get_autocast_dtype(dev)
+
+    def cast(t):
+        if t is None or not t.is_floating_point() or t.dtype == torch.float64 or t.device.type != dev:
+            return t
+        return t.to(dt)
+    return tuple(cast(t) for t in (x, *ts))
+
+
+def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
+                 target: Tensor | None = None, side: str = "in"):
+    """Fused clone linear; same contract as :func:`clone_linear_reference`.
+
+    Returns ``(y, mse)``: y of shape (..., out_S) in the input dtype, mse the 0-dim mean of
+    (y - target')^2 (fp32; fp64 for fp64 inputs), or ``(y, None)`` without a target.
+    x may be N-D (leading dimensions flattened) and non-contiguous; target has x's leading
+    dimensions. Gradients flow to x, proj, and to target / weight / bias when they require
+    grad (the teacher is normally frozen: then none is computed for it).
+    """
+    if isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(proj, Tensor):
+        x, weight, proj, bias, target = _autocast(x, weight, proj, bias, target)
+    _validate(x, weight, proj, bias, target, side)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
+    side_out = side == "out"
+    target_proj_grad = bool(side_out and target is not None and proj.requires_grad and torch.is_grad_enabled())
+    y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad)
+    y = y.view(*lead, y.shape[-1])
+    return y, (mse if target is not None else None)
