@@ -86,6 +86,9 @@ def _validate(x, weight, proj, bias, target, side: str, x_ndim: int | None = Non
     """Shapes, dtypes and devices; raises a ValueError naming the op and the argument."""
     if side not in ("in", "out"):
         raise _err(f"argument 'side' must be 'in' or 'out', got {side!r}")
+    if bias is not None and side == "out":
+        raise _err("argument 'bias' is only supported on the input side (side='in'); an output-side teacher "
+                   "bias has no direct student counterpart")
     _ext.check(_OP, "x", x, ndim=x_ndim)
     if x.dim() < 1:
         raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
@@ -108,9 +111,6 @@ def _validate(x, weight, proj, bias, target, side: str, x_ndim: int | None = Non
         raise _err(f"argument 'x' must have last dimension {in_s} (the student's input width for side={side!r}: "
                    f"{'proj.shape[1]' if side == 'in' else 'weight.shape[1]'}), got shape {tuple(x.shape)}")
     if bias is not None:
-        if side == "out":
-            raise _err("argument 'bias' is only supported on the input side (side='in'); an output-side teacher "
-                       "bias has no direct student counterpart")
         _check_same("bias", bias, x, 1)
         if bias.shape[0] != out_t:
             raise _err(f"argument 'bias' must have shape ({out_t},), got {tuple(bias.shape)}")
