@@ -17,11 +17,11 @@ def tiny_config(family: str, *, tie: bool = False, layers: int = 2, attn: str = 
               num_key_value_heads=KV_HEADS, vocab_size=VOCAB, max_position_embeddings=256,
               tie_word_embeddings=tie, rms_norm_eps=1e-6)
     if family == "llama":
-        cfg = LlamaConfig(**kw, **over)
+        cfg = LlamaConfig(**{**kw, **over})
     elif family == "qwen2":  # q/k/v biases
-        cfg = Qwen2Config(**kw, **over)
+        cfg = Qwen2Config(**{**kw, **over})
     elif family == "qwen3":  # per-head q/k norms, explicit head_dim
-        cfg = Qwen3Config(**kw, head_dim=HEAD_DIM, **over)
+        cfg = Qwen3Config(**{**kw, "head_dim": HEAD_DIM, **over})
     elif family == "mistral":
         cfg = MistralConfig(**{**kw, "sliding_window": None, **over})
     else:

@@ -1,0 +1,433 @@
+"""LowRankClone against independent computations on tiny random teachers of every family.
+
+Run as a script (`python tests/test_model.py`) to print peak activation memory vs layers.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from _tiny import D_T, FAMILIES, VOCAB, randomize_, tiny_config, tiny_teacher, tiny_tokenizer
+
+import lrc_ext
+from lrc_ext import LowRankClone
+
+# Written out here (not imported from lrc_ext) so the oracle does not share the model's tables.
+LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
+           "up": "mlp.up_proj", "o": "self_attn.o_proj", "down": "mlp.down_proj"}
+D_S = 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny matrices: extra threads only add contention (10x slower on a loaded 2-core box).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batch(b=2, s=10, lens=(7, 10), left=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, VOCAB, (b, s), generator=g)
+    am = torch.zeros(b, s, dtype=torch.long)
+    for i, n in enumerate(lens):
+        am[i, s - n:] = 1 if left else 0
+        if not left:
+            am[i, :n] = 1
+    return ids, am
+
+
+def positions(am):
+    return (am.cumsum(-1) - 1).clamp(min=0)
+
+
+def set_identity_(model):
+    """P = I everywhere and the teacher's norms: the student is then the teacher."""
+    t = model.teacher
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.eye(*p.shape))
+        for sl, tl in zip(model.layers, t.model.layers):
+            sl.input_layernorm.weight.copy_(tl.input_layernorm.weight)
+            sl.post_attention_layernorm.weight.copy_(tl.post_attention_layernorm.weight)
+        model.norm.weight.copy_(t.model.norm.weight)
+
+
+def run_hooked(model, ids, am):
+    """Stock forward; per (layer, kind): (input, output) of each linear."""
+    got, hooks = {}, []
+    for i, layer in enumerate(model.model.layers):
+        for kind, name in LINEARS.items():
+            hooks.append(layer.get_submodule(name).register_forward_hook(
+                lambda m, inp, out, key=(i, kind): got.__setitem__(key, (inp[0], out))))
+    try:
+        logits = model(input_ids=ids, attention_mask=am, position_ids=positions(am)).logits
+    finally:
+        for h in hooks:
+            h.remove()
+    return logits, got
+
+
+# ---- identity oracle ------------------------------------------------------------------------
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("tie", [False, True])
+def test_identity_oracle(family, tie):
+    teacher = tiny_teacher(family, tie=tie)
+    model = LowRankClone(teacher, D_T)
+    set_identity_(model)
+    ids, am = batch()
+    with torch.no_grad():
+        z_t = teacher(input_ids=ids, attention_mask=am, position_ids=positions(am)).logits
+        z_s = model.student_logits(ids, am)
+        out = model(ids, am)
+    valid = am.bool()
+    torch.testing.assert_close(z_s[valid], z_t[valid], atol=1e-5, rtol=0)
+    assert (z_s[~valid] == 0).all()
+    for kind, v in out.clone.items():
+        assert v.item() < 1e-10, (kind, v.item())
+    assert abs(out.kl.item()) < 1e-7
+    z_s_full = model.student_logits(ids[1:])  # the unpadded row: every position
+    torch.testing.assert_close(z_s_full[0], z_t[1], atol=1e-5, rtol=0)
+
+
+# ---- every loss term vs a plain fp64 computation -----------------------------------------------
+OPTIONS = [
+    dict(),
+    dict(attn_clone_space="teacher", alpha=0.2),
+    dict(tau=2.0, tau_squared=True, kl_reduction="token"),
+    dict(use_lm=False, clone_kinds=("gate", "down")),
+    dict(use_kl=False, use_clone=False),  # LM only: the teacher is not run
+]
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False)])
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
+def test_losses_match_plain_fp64(family, tie, opts):
+    teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
+    model = LowRankClone(teacher, D_S, fused=False, **opts)
+    with torch.no_grad():  # norms away from their init so any mix-up shows
+        for n, p in model.named_parameters():
+            if p.requires_grad and p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    ids, am = batch()
+    labels = ids.clone()
+    labels[1, 4] = -100  # a user-ignored label
+    out = model(ids, am, labels=labels)
+
+    student = model.build_student_model()
+    assert student.dtype == torch.float64 and type(student).__module__.startswith("transformers.")
+    with torch.no_grad():
+        z_t, t_acts = run_hooked(teacher, ids, am)
+        z_s, s_acts = run_hooked(student, ids, am)
+
+    tau, alpha = opts.get("tau", 40.0), opts.get("alpha", 0.5)
+    kinds = [] if opts.get("use_clone") is False else opts.get("clone_kinds", list(LINEARS))
+    valid = am.bool().reshape(-1)
+
+    def mse(a, b):
+        d = (a - b).reshape(-1, a.shape[-1])[valid]
+        return (d * d).mean()
+
+    clone = {}
+    for kind in LINEARS:
+        total = torch.zeros((), dtype=torch.float64)
+        for i, sl in enumerate(model.layers):
+            (x_s, y_s), (_, y_t) = s_acts[(i, kind)], t_acts[(i, kind)]
+            p = getattr(sl, kind).proj.detach()
+            if kind == "o" and opts.get("attn_clone_space") == "teacher":
+                total += mse(x_s @ teacher.model.layers[i].self_attn.o_proj.weight.t(), y_t)
+            elif kind in ("o", "down"):
+                total += mse(y_s, y_t @ p)
+            else:
+                total += mse(y_s, y_t)
+        clone[kind] = total if kind in kinds else torch.zeros((), dtype=torch.float64)
+
+    tgt = torch.full_like(labels, -100)
+    tgt[:, :-1] = labels[:, 1:]
+    tgt[(am == 0) | (torch.cat([am[:, 1:], torch.zeros_like(am[:, :1])], 1) == 0)] = -100
+    keep = tgt != -100
+    ce = F.cross_entropy(z_s[keep], tgt[keep])
+    lp_s, lp_t = F.log_softmax(z_s[keep] / tau, -1), F.log_softmax(z_t[keep] / tau, -1)
+    kl = (lp_t.exp() * (lp_t - lp_s)).sum()
+    kl = kl / (keep.sum() if opts.get("kl_reduction") == "token" else ids.shape[0])
+    kl = kl * tau * tau if opts.get("tau_squared") else kl
+    lm = ce if opts.get("use_lm", True) else torch.zeros(())
+    kl = kl if opts.get("use_kl", True) else torch.zeros(())
+
+    check = lambda got, want: torch.testing.assert_close(got.double(), want.double(), rtol=1e-6, atol=1e-9)
+    for kind in LINEARS:
+        check(out.clone[kind], clone[kind])
+    check(out.lm, lm)
+    check(out.kl, kl)
+    check(out.loss, lm + kl + alpha * sum(clone.values()))
+
+
+# ---- gradients: only projections and student norms; the teacher never changes ----------------
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+def test_only_projections_and_norms_train(family, tie):
+    teacher = tiny_teacher(family, tie=tie)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    model = LowRankClone(teacher, D_S)
+    expected = {"p_emb", "norm.weight"} | ({"p_head"} if not tie else set())
+    for i in range(len(model.layers)):
+        expected |= {f"layers.{i}.{k}.proj" for k in LINEARS}
+        expected |= {f"layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert model.p_head is None if tie else model.p_head is not model.p_emb
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # naive: every parameter
+    ids, am = batch()
+    for _ in range(3):
+        opt.zero_grad()
+        model(ids, am).loss.backward()
+        with_grad = {n for n, p in model.named_parameters() if p.grad is not None}
+        assert with_grad == expected
+        assert all(model.get_parameter(n).grad.abs().sum() > 0 for n in expected), "a trainable got no signal"
+        opt.step()
+    for k, v in teacher.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not teacher.training
+    model.train()
+    assert not teacher.training
+
+
+def test_trainable_state_dict_round_trip():
+    teacher = tiny_teacher("qwen3")
+    a, b = LowRankClone(teacher, D_S), LowRankClone(teacher, D_S)
+    sd = a.trainable_state_dict()
+    assert not any(k.startswith("teacher.") for k in sd)
+    b.load_trainable_state_dict(sd)
+    ids, _ = batch()
+    torch.testing.assert_close(a.student_logits(ids), b.student_logits(ids), atol=0, rtol=0)
+
+
+# ---- export round trip ----------------------------------------------------------------------
+ROUND_TRIPS = [(f, False, None) for f in FAMILIES] + [(f, True, None) for f in FAMILIES] + [
+    ("llama", True, False),   # tied teacher, separate P_head: untied export
+    ("qwen2", False, True),   # untied teacher, P_head = P_emb: still untied export
+]
+
+
+@pytest.mark.parametrize("family,tie,tie_head", ROUND_TRIPS)
+def test_export_round_trip(tmp_path, family, tie, tie_head):
+    from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
+    teacher = tiny_teacher(family, tie=tie)
+    model = LowRankClone(teacher, D_S, tie_head=tie_head, tokenizer=tiny_tokenizer())
+    with torch.no_grad():
+        for p in model.trainable_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.3 * torch.randn_like(p))
+    model.export(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    cfg = AutoConfig.from_pretrained(tmp_path)
+    assert cfg.model_type == family and cfg.hidden_size == D_S and cfg.head_dim == teacher.model.layers[0].self_attn.head_dim
+    assert cfg.tie_word_embeddings == bool(tie and model.tie_head)
+    assert cfg.intermediate_size == teacher.config.intermediate_size and cfg.num_attention_heads == teacher.config.num_attention_heads
+    assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32).eval()
+    ids, am = batch()
+    with torch.no_grad():
+        want = model.student_logits(ids, am)
+        got = reloaded(input_ids=ids, attention_mask=am, position_ids=positions(am)).logits
+    torch.testing.assert_close(got[am.bool()], want[am.bool()], atol=1e-5, rtol=0)
+    t0, r0 = teacher.model.layers[0].self_attn, reloaded.model.layers[0].self_attn
+    if family == "qwen2":
+        assert torch.equal(r0.q_proj.bias, t0.q_proj.bias) and torch.equal(r0.v_proj.bias, t0.v_proj.bias)
+    if family == "qwen3":
+        assert torch.equal(r0.q_norm.weight, t0.q_norm.weight) and torch.equal(r0.k_norm.weight, t0.k_norm.weight)
+    # The tokenizer travels as saved (AutoTokenizer would pick the family's class for this toy vocab).
+    assert PreTrainedTokenizerFast.from_pretrained(tmp_path)("w3 w5")["input_ids"] == [3, 5]
+
+
+def test_export_loads_without_lrc_ext(tmp_path):
+    teacher = tiny_teacher("qwen2")
+    model = LowRankClone(teacher, D_S)
+    model.export(tmp_path / "ckpt")
+    ids = torch.randint(0, VOCAB, (1, 9))
+    torch.save(ids, tmp_path / "ids.pt")
+    code = ("import sys, torch\n"
+            "try:\n    import lrc_ext\n    sys.exit('lrc_ext importable')\nexcept ImportError:\n    pass\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "m = AutoModelForCausalLM.from_pretrained('ckpt', dtype=torch.float32)\n"
+            "torch.save(m(torch.load('ids.pt')).logits, 'logits.pt')\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
+    with torch.no_grad():
+        torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), model.student_logits(ids), atol=1e-5, rtol=0)
+
+
+# ---- padding ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("left", [True, False])
+def test_padding_invariance(family, left):
+    teacher = tiny_teacher(family)
+    model = LowRankClone(teacher, D_S)
+    lens = (7, 10)
+    ids, am = batch(lens=lens, left=left)
+    out = model(ids, am, return_logits=True)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+    singles = [model(ids[i:i + 1][am[i:i + 1].bool()][None], return_logits=True) for i in range(2)]
+    valid = am.bool()
+    for i, s in enumerate(singles):
+        torch.testing.assert_close(out.logits[i][valid[i]], s.logits[0], atol=1e-5, rtol=1e-5)
+    n = torch.tensor(lens, dtype=torch.float64)
+    close = lambda got, want: torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-7)
+    close(out.lm, sum((n[i] - 1) * singles[i].lm.double() for i in range(2)) / (n - 1).sum())
+    close(out.kl, sum(s.kl.double() for s in singles) / 2)  # batchmean: divided by B
+    for kind in LINEARS:
+        close(out.clone[kind], sum(n[i] * singles[i].clone[kind].double() for i in range(2)) / n.sum())
+
+
+# ---- fused switch -------------------------------------------------------------------------------
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
+def test_fused_matches_reference(family, tie):
+    """Whatever fused=True resolves to (the reference until the fused ops land) agrees."""
+    teacher = tiny_teacher(family, tie=tie)
+    ref = LowRankClone(teacher, D_S, fused=False)
+    fus = LowRankClone(teacher, D_S, fused=True)
+    fus.load_trainable_state_dict(ref.trainable_state_dict())
+    ids, am = batch()
+    o_r, o_f = ref(ids, am), fus(ids, am)
+    close = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    for a, b in [(o_r.loss, o_f.loss), (o_r.lm, o_f.lm), (o_r.kl, o_f.kl)] + [
+            (o_r.clone[k], o_f.clone[k]) for k in LINEARS]:
+        close(a, b)
+    o_r.loss.backward()
+    o_f.loss.backward()
+    for (n, a), b in zip(ref.named_parameters(), fus.parameters()):
+        if a.requires_grad:
+            close(a.grad, b.grad)
+
+
+# ---- bad input ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("width", [0, -4, D_T + 1, 1.5, True])
+def test_bad_width(width):
+    with pytest.raises(ValueError, match="student_hidden_size"):
+        LowRankClone(tiny_teacher("llama"), width)
+
+
+def test_unexportable_width_names_nearest():
+    # SmolLM2-style: 9 heads of 64. 288 and 144 export, 192 does not (LlamaConfig wants hidden % heads == 0).
+    t = tiny_teacher("llama", layers=1, hidden_size=576, num_attention_heads=9, num_key_value_heads=3,
+                     head_dim=64, intermediate_size=64)
+    for ok in (288, 144):
+        LowRankClone(t, ok)
+    with pytest.raises(ValueError, match=r"student_hidden_size=192.*\[189, 198\]"):
+        LowRankClone(t, 192)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda: _stock("gpt2"), "model_type 'gpt2' is not supported.*llama, qwen2, qwen3, mistral"),
+    (lambda: _stock("mixtral"), "model_type 'mixtral' is not supported"),
+    (lambda: tiny_teacher("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding-window"),
+    (lambda: tiny_teacher("mistral", sliding_window=16), "sliding-window"),
+    (lambda: tiny_teacher("llama", attention_bias=True), "bias"),
+])
+def test_unsupported_teacher(make, match):
+    with pytest.raises(ValueError, match=match):
+        LowRankClone(make(), D_S)
+
+
+def _stock(kind):
+    from transformers import AutoModelForCausalLM, GPT2Config, MixtralConfig
+    cfg = (GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=VOCAB) if kind == "gpt2" else
+           MixtralConfig(hidden_size=64, intermediate_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=VOCAB, num_local_experts=2))
+    return AutoModelForCausalLM.from_config(cfg)
+
+
+def test_bad_inputs():
+    model = LowRankClone(tiny_teacher("llama"), D_S)
+    ids, am = batch()
+    for bad in (ids.clone().fill_(VOCAB), ids.clone().fill_(-1)):
+        with pytest.raises(ValueError, match=r"input_ids: ids must be in \[0, 128\)"):
+            model(bad)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids.float())
+    with pytest.raises(ValueError, match="input_ids"):
+        model(ids[0])
+    with pytest.raises(ValueError, match="labels: expected shape"):
+        model(ids, labels=ids[:, 1:])
+    with pytest.raises(ValueError, match="labels: values"):
+        model(ids, labels=ids.clone().fill_(VOCAB))
+    with pytest.raises(ValueError, match="attention_mask: expected shape"):
+        model(ids, attention_mask=am[:, 1:])
+    with pytest.raises(ValueError, match="attention_mask: values"):
+        model(ids, attention_mask=am * 2)
+    with pytest.raises(ValueError, match="attention_mask: every token"):
+        model(ids, attention_mask=am * 0)
+    with pytest.raises(ValueError, match="clone_kinds"):
+        LowRankClone(model.teacher, D_S, clone_kinds=("q", "mlp"))
+
+
+# ---- memory -------------------------------------------------------------------------------------
+def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, fused=None):
+    """Peak bytes allocated during one forward+backward (CPU profiler), and bytes saved for backward
+    (saved_tensors_hooks, parameters excluded). Measured after a warm-up step so .grad exists."""
+    from torch.profiler import ProfilerActivity, profile
+    torch.manual_seed(0)
+    t = tiny_teacher("llama", layers=layers, hidden_size=d_t, intermediate_size=2 * d_t, vocab_size=vocab)
+    m = LowRankClone(t, d_s, fused=fused)
+    ids = torch.randint(0, vocab, (batch_size, seq))
+    m(ids).loss.backward()
+    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
+    saved = {}
+
+    def pack(x):
+        s = x.untyped_storage()
+        if s.data_ptr() not in params:
+            saved[s.data_ptr()] = s.nbytes()
+        return x
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+            out = m(ids)
+        out.loss.backward()
+    live = peak = 0
+    for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
+                       if e.name() == "[memory]"):
+        live += n
+        peak = max(peak, live)
+    return peak, sum(saved.values())
+
+
+def test_memory_grows_linearly_with_layers():
+    res = {L: measure_memory(L, seq=128) for L in (1, 2, 4)}
+    for L, (peak, saved) in res.items():
+        print(f"layers={L}: peak {peak / 2**20:.2f} MiB, saved for backward {saved / 2**20:.2f} MiB")
+    step1, step2 = res[2][1] - res[1][1], (res[4][1] - res[2][1]) / 2
+    assert abs(step1 - step2) <= 0.05 * step2  # the same bytes per layer: nothing accumulates
+
+
+def test_teacher_targets_die_with_their_layer():
+    """Lockstep: when teacher layer i runs, the q/k/v/gate/up targets of earlier layers are freed
+    (o/down targets may be kept by the clone op's backward: the reference keeps them)."""
+    import weakref
+    teacher = tiny_teacher("llama", layers=4)
+    model = LowRankClone(teacher, D_S)
+    refs, alive_at = {}, {}
+    for i, layer in enumerate(teacher.model.layers):
+        for kind, name in LINEARS.items():
+            def hook(m, inp, out, key=(i, kind)):
+                if key[1] == "q":
+                    alive_at[key[0]] = sorted(k for k, r in refs.items() if r() is not None)
+                refs[key] = weakref.ref(out.untyped_storage())
+            layer.get_submodule(name).register_forward_hook(hook)
+    ids, am = batch()
+    model(ids, am).loss.backward()
+    for i, alive in alive_at.items():
+        assert not [k for k in alive if k[1] not in ("o", "down")], (i, alive)
+
+
+if __name__ == "__main__":
+    for fused in (False, None):
+        print(f"fused={fused}: llama teacher d_T=256 -> d_S=128, F=512, V=1024, batch 2 x 256 tokens, fp32")
+        for L in (1, 2, 4, 8):
+            peak, saved = measure_memory(L, fused=fused)
+            print(f"  layers={L}: peak {peak / 2**20:7.2f} MiB   saved for backward {saved / 2**20:7.2f} MiB")
