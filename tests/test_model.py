@@ -405,24 +405,31 @@ def test_memory_grows_linearly_with_layers():
     assert abs(step1 - step2) <= 0.05 * step2  # the same bytes per layer: nothing accumulates
 
 
-def test_teacher_targets_die_with_their_layer():
-    """Lockstep: when teacher layer i runs, the q/k/v/gate/up targets of earlier layers are freed
-    (o/down targets may be kept by the clone op's backward: the reference keeps them)."""
+@pytest.mark.parametrize("fused", [False, None])
+def test_teacher_targets_die_with_their_layer(fused):
+    """Lockstep: when teacher layer i runs, the q/k/v/gate/up targets of earlier layers are freed.
+    o/down targets feed MSE(y, t @ P): the reference op keeps t for P's gradient; the fused op
+    must not (its gradient term is formed in the forward), so then nothing survives its layer."""
     import weakref
+    from lrc_ext.modules import resolve_op
+    from lrc_ext.ops.clone_linear import clone_linear_reference
+    keeps_out = resolve_op("clone_linear", fused) is clone_linear_reference
     teacher = tiny_teacher("llama", layers=4)
-    model = LowRankClone(teacher, D_S)
+    model = LowRankClone(teacher, D_S, fused=fused)
     refs, alive_at = {}, {}
     for i, layer in enumerate(teacher.model.layers):
         for kind, name in LINEARS.items():
             def hook(m, inp, out, key=(i, kind)):
                 if key[1] == "q":
-                    alive_at[key[0]] = sorted(k for k, r in refs.items() if r() is not None)
-                refs[key] = weakref.ref(out.untyped_storage())
+                    alive_at[key[0]] = [k for k, r in refs.items() if r() is not None]
+                refs[key] = weakref.ref(out.untyped_storage())  # storages: views count too
             layer.get_submodule(name).register_forward_hook(hook)
-    ids, am = batch()
-    model(ids, am).loss.backward()
+    out = model(torch.randint(0, VOCAB, (2, 10)))  # unpadded: targets are views of the outputs
+    alive_at["end"] = [k for k, r in refs.items() if r() is not None]
+    allowed = ("o", "down") if keeps_out else ()
     for i, alive in alive_at.items():
-        assert not [k for k in alive if k[1] not in ("o", "down")], (i, alive)
+        assert all(k[1] in allowed for k in alive), (i, alive)
+    out.loss.backward()
 
 
 if __name__ == "__main__":
