@@ -215,6 +215,8 @@ def _setup(ctx, inputs, output):
     x, weight, proj, bias, target, side_out, target_proj_grad = inputs
     y, mse, w_s, d, g_t = output
     ctx.save_for_backward(x, weight, proj, w_s, d, g_t)
+    # W_S, d and G_t are outputs only to be saved: never zero-fill (N, out) gradients for them.
+    ctx.set_materialize_grads(False)
     ctx.side_out = side_out
     ctx.has_target = target is not None
     ctx.target_shape = tuple(target.shape) if target is not None else None
