@@ -9,13 +9,56 @@ lm = lm_weight * mean CE over non-ignored tokens
 kl = kl_weight * sum_{non-ignored tokens, vocab} p_T (log p_T - log p_S),  p = softmax(z / tau)
      divided by batch_size ("batchmean", the authors' reduction over (B, S, V)) or by the
      number of non-ignored tokens ("token"); times tau^2 when tau_squared.
-Both are 0-dim fp32; an all-ignored batch gives 0 (no NaN).
+Both are 0-dim fp32 (fp64 for fp64 inputs); an all-ignored batch gives 0 (no NaN).
+
+Two implementations with one signature:
+
+- ``distill_head_reference``: plain PyTorch with full N x V logits, the oracle.
+- ``distill_head``: the fused op ``lrc_ext::distill_head``. W_head_S is formed once; the
+  tokens are taken in chunks; per chunk the student and teacher logits come from two
+  GEMMs into two reused (chunk, V) buffers, then one kernel per row (csrc/distill_head.*:
+  C++/OpenMP on CPU, CUDA on GPU; fp32 accumulation) computes CE, KL and the gradient with
+  respect to the student logits, written in place over the student buffer; two more GEMMs
+  accumulate the gradients of h_s and W_head_S, and grad P_head = w_head_t.T @ grad W_head_S
+  at the end. Gradients are computed in the forward and only scaled in the backward, so
+  nothing of size N x V outlives a chunk.
+
+Gradient bookkeeping. The forward computes the gradient of ``lm + kl``. The backward is
+exact for any pair of upstream gradients (g_lm, g_kl): when they are equal (the usual
+``loss = lm + kl + ...``) it scales the saved gradient; otherwise it recomputes the
+gradient of ``lm`` alone (student GEMMs only, no teacher) and returns
+``g_kl * grad(lm + kl) + (g_lm - g_kl) * grad(lm)``. With lm_weight == 0 or
+kl_weight == 0 only one term exists and the backward always just scales. Deciding between
+the two needs the upstream values on the host: on CUDA that is one synchronisation in the
+backward (and one in the forward, for the label check and the count of valid tokens).
+No gradient flows to h_t or w_head_t (the teacher is frozen).
 """
 from __future__ import annotations
+
+import math
+import os
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _ext
+
+_OP = "distill_head"
+IGNORE_INDEX = -100
+_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
+_REDUCTIONS = ("batchmean", "token")
+
+# Bytes for the chunk's logits buffers (student + teacher) when chunk_size is not given.
+# CPU: a fixed budget. CUDA: CUDA_CHUNK_BYTES (env LRC_DISTILL_HEAD_CHUNK_MB overrides it),
+# at most a quarter of the free memory.
+CPU_CHUNK_BYTES = 64 << 20
+CUDA_CHUNK_BYTES = 512 << 20
+
+# What the last call of the fused op planned (for tests and benchmarks): rows, vocab,
+# chunk_rows, n_chunks, buffer_bytes (the two logits buffers), teacher (bool).
+last_plan: dict = {}
 
 
 def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, labels: Tensor, *,
@@ -23,13 +66,14 @@ def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: T
                            kl_reduction: str = "batchmean", batch_size: int | None = None,
                            tau_squared: bool = False):
     """Plain PyTorch with full N x V logits: the oracle for the fused op."""
-    if kl_reduction not in ("batchmean", "token"):
+    if kl_reduction not in _REDUCTIONS:
         raise ValueError(f"distill_head: kl_reduction must be 'batchmean' or 'token', got {kl_reduction!r}")
-    valid = labels != -100
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    valid = labels != IGNORE_INDEX
     n_valid = valid.sum()
-    z_s = (h_s @ (w_head_t @ p_head).t()).float()
-    z_t = (h_t @ w_head_t.t()).float()
-    ce = F.cross_entropy(z_s, labels, ignore_index=-100, reduction="sum") / n_valid.clamp(min=1)
+    z_s = (h_s @ (w_head_t @ p_head).t()).to(acc)
+    z_t = (h_t @ w_head_t.t()).to(acc)
+    ce = F.cross_entropy(z_s, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid.clamp(min=1)
     logp_s = F.log_softmax(z_s / tau, dim=-1)
     logp_t = F.log_softmax(z_t / tau, dim=-1)
     kl_tok = F.kl_div(logp_s, logp_t, log_target=True, reduction="none").sum(-1)
@@ -41,3 +85,335 @@ def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: T
     if tau_squared:
         kl = kl * tau * tau
     return lm_weight * ce, kl_weight * kl
+
+
+# ----------------------------------------------------------------------------- checks
+
+def _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size):
+    _ext.check(_OP, "h_s", h_s, ndim=2)
+    dtypes = _DTYPES_CUDA if h_s.device.type == "cuda" else _DTYPES_CPU
+    _ext.check(_OP, "h_s", h_s, dtypes=dtypes)
+    dev = h_s.device
+    _ext.check(_OP, "h_t", h_t, ndim=2, dtypes=(h_s.dtype,), device=dev)
+    _ext.check(_OP, "w_head_t", w_head_t, ndim=2, dtypes=(h_s.dtype,), device=dev)
+    _ext.check(_OP, "p_head", p_head, ndim=2, dtypes=(h_s.dtype,), device=dev)
+    _ext.check(_OP, "labels", labels, ndim=1, dtypes=(torch.int64,), device=dev)
+    n, d_s = h_s.shape
+    v, d_t = w_head_t.shape
+    if tuple(p_head.shape) != (d_t, d_s):
+        raise ValueError(f"lrc_ext.{_OP}: argument 'p_head' must have shape (d_T, d_S) = ({d_t}, {d_s}) "
+                         f"from w_head_t {tuple(w_head_t.shape)} and h_s {tuple(h_s.shape)}, got {tuple(p_head.shape)}")
+    if tuple(h_t.shape) != (n, d_t):
+        raise ValueError(f"lrc_ext.{_OP}: argument 'h_t' must have shape (N, d_T) = ({n}, {d_t}), "
+                         f"got {tuple(h_t.shape)}")
+    if labels.shape[0] != n:
+        raise ValueError(f"lrc_ext.{_OP}: argument 'labels' must have shape (N,) = ({n},), got {tuple(labels.shape)}")
+    if v < 1:
+        raise ValueError(f"lrc_ext.{_OP}: argument 'w_head_t' has an empty vocabulary (shape {tuple(w_head_t.shape)})")
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise ValueError(f"lrc_ext.{_OP}: argument 'tau' must be a positive finite number, got {tau!r}")
+    for name, w in (("lm_weight", lm_weight), ("kl_weight", kl_weight)):
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"lrc_ext.{_OP}: argument '{name}' must be a finite number, got {w!r}")
+    if kl_reduction not in _REDUCTIONS:
+        raise ValueError(f"lrc_ext.{_OP}: argument 'kl_reduction' must be 'batchmean' or 'token', got {kl_reduction!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
+        raise ValueError(f"lrc_ext.{_OP}: argument 'batch_size' must be a positive int or None, got {batch_size!r}")
+    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
+        raise ValueError(f"lrc_ext.{_OP}: argument 'chunk_size' must be a positive int or None, got {chunk_size!r}")
+
+
+def _label_stats(labels: Tensor, vocab: int) -> int:
+    """Number of non-ignored labels; raises when one is outside [0, V). One host sync."""
+    if labels.numel() == 0:
+        return 0
+    valid = labels != IGNORE_INDEX
+    stats = torch.stack([valid.sum(), torch.where(valid, labels, 0).min(), torch.where(valid, labels, -1).max()])
+    n_valid, lo, hi = stats.tolist()
+    if lo < 0 or hi >= vocab:
+        bad = lo if lo < 0 else hi
+        raise ValueError(f"lrc_ext.{_OP}: argument 'labels' holds {bad}, outside [0, {vocab}) (V = w_head_t.shape[0]) "
+                         f"and not the ignore index {IGNORE_INDEX}")
+    return int(n_valid)
+
+
+# ----------------------------------------------------------------------------- planning
+
+def plan_chunk(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, teacher: bool = True,
+               chunk_size: int | None = None) -> int:
+    """Rows per chunk: chunk_size when given, else what the logits buffers' budget allows
+    (see CPU_CHUNK_BYTES / CUDA_CHUNK_BYTES), balanced so the chunks are of equal size."""
+    if rows <= 0:
+        return 0
+    if chunk_size:
+        return min(int(chunk_size), rows)
+    per_row = vocab * dtype.itemsize * (2 if teacher else 1)
+    device = torch.device(device)
+    if device.type == "cuda":
+        env = os.environ.get("LRC_DISTILL_HEAD_CHUNK_MB")
+        budget = int(float(env) * (1 << 20)) if env else CUDA_CHUNK_BYTES
+        free, _ = torch.cuda.mem_get_info(device)
+        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+        budget = min(budget, free // 4)
+    else:
+        budget = CPU_CHUNK_BYTES
+    max_rows = max(1, budget // per_row)
+    n_chunks = -(-rows // max_rows)
+    per = -(-rows // n_chunks)
+    per = min(max_rows, -(-per // 8) * 8) if per > 8 else per
+    return max(1, min(per, rows))
+
+
+# ----------------------------------------------------------------------------- GEMM helpers
+
+_OUT_DTYPE_OK: dict = {}
+
+
+def _cuda_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch.addmm(..., out_dtype=float32) accumulates half inputs into fp32 in place here."""
+    key = (device.index, dtype)
+    if key not in _OUT_DTYPE_OK:
+        ok = False
+        try:
+            a = torch.randn(7, 5, device=device).to(dtype)
+            b = torch.randn(7, 3, device=device).to(dtype)
+            c = torch.randn(5, 3, device=device)
+            ref = c + 0.5 * (a.float().t() @ b.float())
+            torch.addmm(c, a.t(), b, beta=1.0, alpha=0.5, out_dtype=torch.float32, out=c)
+            ok = bool(torch.allclose(c, ref, rtol=1e-3, atol=1e-3))
+        except (RuntimeError, TypeError):
+            ok = False
+        _OUT_DTYPE_OK[key] = ok
+    return _OUT_DTYPE_OK[key]
+
+
+def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
+    """out (fp32/fp64) = [out +] alpha * (a @ b), a and b in the input dtype."""
+    beta = 1.0 if accumulate else 0.0
+    if a.dtype == out.dtype:
+        out.addmm_(a, b, beta=beta, alpha=alpha)
+    elif out.is_cuda and _cuda_out_dtype_ok(out.device, a.dtype):
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
+    elif not out.is_cuda:  # half inputs on CPU: fp32 GEMM (CPU half GEMMs round their output)
+        out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
+    else:
+        tmp = torch.mm(a, b)
+        if accumulate:
+            out.add_(tmp, alpha=alpha)
+        else:
+            out.copy_(tmp)
+            if alpha != 1.0:
+                out.mul_(alpha)
+
+
+# ----------------------------------------------------------------------------- the computation
+
+def _launch_rows(zs: Tensor, zt: Tensor | None, labels: Tensor, inv_tau: float, lm_coef: float, kl_coef: float,
+                 ce: Tensor | None, kl: Tensor | None, write: bool):
+    rows, vocab = zs.shape
+    args = (zs.data_ptr(), vocab, zt.data_ptr() if zt is not None else 0, vocab, _ext.DTYPE_CODES[zs.dtype],
+            labels.data_ptr(), rows, vocab, inv_tau, lm_coef, kl_coef, IGNORE_INDEX,
+            ce.data_ptr() if ce is not None else 0, kl.data_ptr() if kl is not None else 0, write)
+    if zs.device.type == "cpu":
+        _ext.lib(_OP).distill_head_rows_cpu(*args)
+    else:
+        _ext.require_cuda(_OP).distill_head_rows_cuda(*args, _ext.stream(zs))
+
+
+def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, labels: Tensor, tau: float,
+             lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None, tau_squared: bool,
+             chunk_size: int, need_h: bool, need_p: bool, record: bool = True):
+    """(lm, kl, grad_h_s, grad_p_head) with the gradients of lm + kl (fp32; fp64 for fp64)."""
+    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    n, d_s = h_s.shape
+    vocab, d_t = w_head_t.shape
+    dev = h_s.device
+    n_valid = _label_stats(labels, vocab)
+    do_ce, do_kl = lm_weight != 0.0, kl_weight != 0.0 and h_t is not None
+    need_grad = need_h or need_p
+    zero = torch.zeros((), dtype=acc, device=dev)
+    g_h = torch.zeros((n, d_s) if need_h else (0,), dtype=acc, device=dev)
+    g_p = torch.zeros((d_t, d_s) if need_p else (0,), dtype=acc, device=dev)
+    plan = dict(rows=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0, teacher=do_kl)
+    if record:
+        last_plan.clear()
+        last_plan.update(plan)
+    if n_valid == 0 or not (do_ce or do_kl):
+        return zero, zero.clone(), g_h, g_p
+
+    # Only the valid rows take part: gather them when some are ignored.
+    if n_valid < n:
+        idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)
+        hs, lab = h_s.index_select(0, idx), labels.index_select(0, idx)
+        ht = h_t.index_select(0, idx) if do_kl else None
+    else:
+        idx, hs, lab, ht = None, h_s, labels.contiguous(), (h_t if do_kl else None)
+
+    # Coefficients of the gradient written by the kernel. fp16 buffers get a power-of-two
+    # prescale (undone in fp32 by the GEMMs' alpha) that brings the larger coefficient to
+    # [1, 2), so that small gradients (lm_weight / N, tiny probabilities) do not flush to 0.
+    denom = float(n_valid) if kl_reduction == "token" else float(batch_size if batch_size is not None else 1)
+    kl_scale = kl_weight / denom * (tau * tau if tau_squared else 1.0)
+    lm_coef = lm_weight / n_valid if do_ce else 0.0
+    kl_coef = kl_scale / tau if do_kl else 0.0
+    prescale = 1.0
+    if h_s.dtype == torch.float16 and need_grad:
+        big = max(abs(lm_coef), abs(kl_coef))
+        prescale = 2.0 ** (-math.floor(math.log2(big)))
+    alpha = 1.0 / prescale
+
+    rows = plan_chunk(n_valid, vocab, h_s.dtype, dev, do_kl, chunk_size or None)
+    n_chunks = -(-n_valid // rows)
+    zs_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
+    zt_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev) if do_kl else None
+    if record:
+        last_plan.update(chunk_rows=rows, n_chunks=n_chunks,
+                         buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
+    ce_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_ce else None
+    kl_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_kl else None
+    gh_v = g_h if (need_h and idx is None) else (torch.empty(n_valid, d_s, dtype=acc, device=dev) if need_h else None)
+    g_w = torch.zeros(vocab, d_s, dtype=acc, device=dev) if need_p else None
+
+    w_s = w_head_t @ p_head  # (V, d_S), once
+    ctx = torch.cuda.device(dev) if dev.type == "cuda" else _nullctx()
+    with ctx:
+        for r0 in range(0, n_valid, rows):
+            r1 = min(n_valid, r0 + rows)
+            m = r1 - r0
+            zs = zs_buf[:m]
+            torch.mm(hs[r0:r1], w_s.t(), out=zs)
+            zt = None
+            if do_kl:
+                zt = zt_buf[:m]
+                torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
+            _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale, kl_coef * prescale,
+                         ce_rows[r0:r1] if do_ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
+            if need_h:
+                _gemm(gh_v[r0:r1], zs, w_s, alpha, accumulate=False)
+            if need_p:
+                _gemm(g_w, zs.t(), hs[r0:r1], alpha, accumulate=True)
+    del zs_buf, zt_buf, w_s
+    if need_h and idx is not None:
+        g_h.index_copy_(0, idx, gh_v)
+    if need_p:
+        if w_head_t.dtype == acc:
+            torch.mm(w_head_t.t(), g_w, out=g_p)
+        elif dev.type == "cpu":
+            g_p.addmm_(w_head_t.t().to(acc), g_w, beta=0.0)
+        else:
+            _gemm(g_p, w_head_t.t(), g_w.to(w_head_t.dtype), 1.0, accumulate=False)
+    lm = ce_rows.sum() * (lm_weight / n_valid) if do_ce else zero
+    kl = kl_rows.sum() * kl_scale if do_kl else zero.clone()
+    return lm, kl, g_h, g_p
+
+
+class _nullctx:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+@torch.library.custom_op("lrc_ext::distill_head", mutates_args=())
+def _distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, labels: Tensor, tau: float,
+                  lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None, tau_squared: bool,
+                  chunk_size: int, need_grad_h: bool, need_grad_p: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lm, kl, grad_h, grad_p): the losses and the gradients of lm + kl w.r.t. h_s and
+    p_head (fp32, fp64 for fp64; empty when not asked for). chunk_size 0 = automatic."""
+    _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size or None)
+    return _compute(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size,
+                    tau_squared, chunk_size, need_grad_h, need_grad_p)
+
+
+def _acc_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@_distill_head.register_fake
+def _(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
+      chunk_size, need_grad_h, need_grad_p):
+    acc = _acc_dtype(h_s)
+    return (h_s.new_empty((), dtype=acc), h_s.new_empty((), dtype=acc),
+            h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,), dtype=acc),
+            p_head.new_empty(tuple(p_head.shape) if need_grad_p else (0,), dtype=acc))
+
+
+@torch.library.custom_op("lrc_ext::distill_head_backward", mutates_args=())
+def _distill_head_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_p: Tensor, h_s: Tensor, w_head_t: Tensor,
+                           p_head: Tensor, labels: Tensor, lm_weight: float, chunk_size: int, need_grad_h: bool,
+                           need_grad_p: bool) -> tuple[Tensor, Tensor]:
+    """Gradients w.r.t. (h_s, p_head) for upstream (grad_lm, grad_kl), given g_h, g_p, the
+    gradients of lm + kl saved by the forward. Equal upstreams: a scaling. Otherwise the
+    gradient of lm alone is recomputed (no teacher needed) and the two are combined."""
+    a = grad_lm.to(g_h.dtype)
+    b = grad_kl.to(g_h.dtype)
+    if torch.equal(a, b):
+        gh, gp = a * g_h, a * g_p
+    else:
+        _, _, lh, lp = _compute(h_s, None, w_head_t, p_head, labels, 1.0, lm_weight, 0.0, "token", None, False,
+                                chunk_size, need_grad_h, need_grad_p, record=False)
+        gh, gp = b * g_h + (a - b) * lh, b * g_p + (a - b) * lp
+    return (gh.to(h_s.dtype) if need_grad_h else h_s.new_empty(0),
+            gp.to(p_head.dtype) if need_grad_p else p_head.new_empty(0))
+
+
+@_distill_head_backward.register_fake
+def _(grad_lm, grad_kl, g_h, g_p, h_s, w_head_t, p_head, labels, lm_weight, chunk_size, need_grad_h, need_grad_p):
+    return (h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,)),
+            p_head.new_empty(tuple(p_head.shape) if need_grad_p else (0,)))
+
+
+def _setup(ctx, inputs, output):
+    (h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
+     chunk_size, need_h, need_p) = inputs
+    _, _, g_h, g_p = output
+    ctx.both = lm_weight != 0.0 and kl_weight != 0.0
+    ctx.lm_only = kl_weight == 0.0
+    ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_p = lm_weight, chunk_size, need_h, need_p
+    ctx.h_dtype, ctx.p_dtype = h_s.dtype, p_head.dtype
+    if ctx.both:
+        ctx.save_for_backward(g_h, g_p, h_s, w_head_t, p_head, labels)
+    else:
+        ctx.save_for_backward(g_h, g_p)
+
+
+def _backward(ctx, grad_lm, grad_kl, _grad_gh, _grad_gp):
+    if ctx.both:
+        g_h, g_p, h_s, w_head_t, p_head, labels = ctx.saved_tensors
+        gh, gp = torch.ops.lrc_ext.distill_head_backward(grad_lm, grad_kl, g_h, g_p, h_s, w_head_t, p_head, labels,
+                                                         ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_p)
+    else:
+        g_h, g_p = ctx.saved_tensors
+        up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
+        gh, gp = (up * g_h).to(ctx.h_dtype), (up * g_p).to(ctx.p_dtype)
+    return (gh if ctx.need_h else None, None, None, gp if ctx.need_p else None,
+            None, None, None, None, None, None, None, None, None, None)
+
+
+_distill_head.register_autograd(_backward, setup_context=_setup)
+
+
+def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, labels: Tensor, *,
+                 tau: float = 40.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
+                 kl_reduction: str = "batchmean", batch_size: int | None = None, tau_squared: bool = False,
+                 chunk_size: int | None = None):
+    """Fused LM-head distillation loss: ``(lm, kl)`` as ``distill_head_reference`` computes
+    them, without ever holding N x V logits (see the module docstring).
+
+    Inputs: h_s (N, d_S), h_t (N, d_T), w_head_t (V, d_T), p_head (d_T, d_S), one dtype
+    (fp32, bf16, fp16; fp64 on CPU), any strides; labels (N,) int64 with -100 ignored.
+    Differentiable w.r.t. h_s and p_head. ``chunk_size``: tokens per chunk (default: from
+    N, V and free memory). lm_weight == 0 skips the CE; kl_weight == 0 skips the teacher
+    GEMM (h_t is then not read).
+    """
+    _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    need_h = grad_on and h_s.requires_grad
+    need_p = grad_on and p_head.requires_grad
+    lm, kl, _, _ = torch.ops.lrc_ext.distill_head(h_s, h_t, w_head_t, p_head, labels, float(tau), float(lm_weight),
+                                                  float(kl_weight), kl_reduction, batch_size, bool(tau_squared),
+                                                  int(chunk_size or 0), need_h, need_p)
+    return lm, kl
