@@ -41,14 +41,16 @@ def validate_teacher(teacher: nn.Module):
         _refuse(f"teacher model_type {mt!r} is not supported")
     if any(getattr(cfg, a, 0) for a in ("num_experts", "num_local_experts", "n_routed_experts")):
         _refuse("mixture-of-experts teachers are not supported")
-    if "sliding_attention" in (getattr(cfg, "layer_types", None) or ()):
-        _refuse("sliding-window attention is not supported (set use_sliding_window=False)")
-    sw = getattr(cfg, "sliding_window", None)
-    # Qwen2/Qwen3 set sliding_window=None unless use_sliding_window; Mistral's is live when set
-    # (a window covering every position is a no-op and allowed).
-    if sw is not None and (mt == "mistral" or getattr(cfg, "use_sliding_window", False)) \
-            and sw < getattr(cfg, "max_position_embeddings", sw + 1):
-        _refuse(f"sliding-window attention is not supported (sliding_window={sw}; set it to None)")
+    sw, types = getattr(cfg, "sliding_window", None), getattr(cfg, "layer_types", None)
+    if mt == "mistral":  # Mistral's window is live whenever set; one covering every position is a no-op
+        sliding = sw is not None and sw < cfg.max_position_embeddings
+    elif types is not None:
+        sliding = "sliding_attention" in types
+    else:  # transformers < 4.53 Qwen: layers >= max_window_layers slide when use_sliding_window
+        sliding = bool(getattr(cfg, "use_sliding_window", False) and sw
+                       and getattr(cfg, "max_window_layers", 0) < cfg.num_hidden_layers)
+    if sliding:
+        _refuse(f"sliding-window attention is not supported (sliding_window={sw}); use a full-attention config")
     base = getattr(teacher, "model", None)
     if base is None or not hasattr(base, "layers") or teacher.get_output_embeddings() is None:
         _refuse(f"expected a *ForCausalLM model with .model.layers and an LM head, got {type(teacher).__name__}")
@@ -93,11 +95,16 @@ def attention_function(teacher: nn.Module):
 
 def causal_mask(teacher: nn.Module, embeds: torch.Tensor, attention_mask, position_ids):
     """The mask the teacher's own model forward would build (format depends on attention impl)."""
-    from transformers.masking_utils import create_causal_mask
-    kw = dict(config=teacher.config, inputs_embeds=embeds, attention_mask=attention_mask,
-              past_key_values=None, position_ids=position_ids)
-    if "cache_position" in inspect.signature(create_causal_mask).parameters:  # transformers < 5
-        kw["cache_position"] = torch.arange(embeds.shape[1], device=embeds.device)
+    cache_position = torch.arange(embeds.shape[1], device=embeds.device)
+    try:
+        from transformers.masking_utils import create_causal_mask
+    except ImportError:  # transformers < 4.53: the model builds its own mask
+        return teacher.model._update_causal_mask(attention_mask, embeds, cache_position, None, False)
+    params = inspect.signature(create_causal_mask).parameters
+    kw = dict(config=teacher.config, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+    kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds  # renamed in 5.0
+    if "cache_position" in params:  # dropped in 5.0
+        kw["cache_position"] = cache_position
     return create_causal_mask(**kw)
 
 
@@ -153,11 +160,14 @@ def check_width(teacher: nn.Module, width: int, tie: bool):
 def build_stock_model(cfg, state_dict: dict, dtype: torch.dtype, device=None,
                       attn_implementation: str | None = None):
     """A stock transformers model of `cfg` holding `state_dict` (every key must be given)."""
+    import transformers
     from transformers import AutoModelForCausalLM
     kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    old = tuple(int(x) for x in transformers.__version__.split(".")[:2]) < (4, 56)
+    kw["torch_dtype" if old else "dtype"] = dtype  # renamed in 4.56
     # Built for real (not on meta): non-persistent buffers such as RoPE's inv_freq must be set up.
     with torch.device(device or "cpu"):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype, **kw)
+        model = AutoModelForCausalLM.from_config(cfg, **kw)
     missing = set(model.state_dict()) - set(state_dict)
     extra = set(state_dict) - set(model.state_dict())
     if missing or extra:
