@@ -17,10 +17,11 @@ path on most CPUs). "width" is the teacher weight's other dimension: side=in W_T
 (width, d_T) (q: 3072, k/v: 1024, gate/up: 8192); side=out W_T is (d_T, width) (o: 3072,
 down: 8192).
 
-Columns: median time (CUDA events / perf_counter), TFLOP/s of the variant's own products
+Columns: median time (CUDA events / perf_counter; the variants interleaved round by round), TFLOP/s of the variant's own products
 (the clone variants on the output side do two more N x d_T x d_S GEMMs than the bare
 floor: target @ P and its gradient), peak memory over what the inputs already hold
-(torch allocator on CUDA; process RSS high-water mark on the CPU, coarse), the bytes kept
+(torch allocator on CUDA; on the CPU the process RSS high-water mark after
+malloc_trim, coarse), the bytes kept
 for backward (saved_tensors_hooks; x, W_T and P not counted, the teacher's target is:
 the model would free it otherwise), and the error of
 ours against eager (relative, in the norm). Then the ratios per case and the targets of
@@ -29,7 +30,10 @@ issue 5 (worst case over shapes).
 from __future__ import annotations
 
 import argparse
+import ctypes
+import statistics
 import sys
+import time
 
 import common
 
@@ -118,36 +122,50 @@ def run_case(dev, side, width, cfg, variants, compiled, iters, warmup):
     }
     if compiled is not None:
         steps["compile"] = clone_step(compiled)
-    rows, outs = [], {}
-    for v in variants:
-        if v not in steps:
-            continue
-        fn = steps[v]
+    rows, outs, errs = [], {}, {}
+    active = [v for v in variants if v in steps]
+    for v in list(active):
         try:
-            res = fn()  # first call: compiles where it compiles
+            res = steps[v]()  # first call: compiles where it compiles
             outs[v] = [o.detach() for o in res]
             del res
-            common.sync(dev)
-            tm = common.time_fn(lambda: fn(), device=dev, warmup=warmup, iters=iters)
-            common.free_memory(dev)
-            mem = common.peak_memory(lambda: fn(), device=dev)
-            if v == "bare":
-                sb = saved_bytes(lambda: bare_fn(x, w, p, None, side), (x, w, p))
-            else:
-                sb = saved_bytes(lambda: (clone_linear_reference if v == "eager" else
-                                          clone_linear if v == "ours" else compiled)(x, w, p, None, t, side),
-                                 (x, w, p))
         except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
+            errs[v] = e
+            active.remove(v)
+    common.sync(dev)
+    # Interleaved rounds (order rotated each round), so machine noise hits every variant alike.
+    for _ in range(warmup):
+        for v in active:
+            steps[v]()
+    samples = {v: [] for v in active}
+    for i in range(iters):
+        k = i % max(len(active), 1)
+        for v in active[k:] + active[:k]:
+            samples[v].append(time_call(steps[v], dev))
+    for v in variants:
+        if v in errs:
+            e = errs[v]
             if common.is_oom(e):
                 common.free_memory(dev)
             rows.append({"side": side, "width": width, "variant": v, "error": f"{type(e).__name__}: {e}"[:300]})
             continue
+        if v not in samples:
+            continue
+        common.free_memory(dev)
+        if not dev.startswith("cuda"):
+            trim_malloc()  # so the RSS high-water mark sees this step's allocations, not reuse
+        mem = common.peak_memory(steps[v], device=dev)
+        if v == "bare":
+            sb = saved_bytes(lambda: bare_fn(x, w, p, None, side), (x, w, p))
+        else:
+            f = {"eager": clone_linear_reference, "ours": clone_linear, "compile": compiled}[v]
+            sb = saved_bytes(lambda: f(x, w, p, None, t, side), (x, w, p))
+        ms = statistics.median(samples[v])
         fl = flops(side, n, d_t, d_s, width, clone=(v != "bare"))
-        row = {"side": side, "width": width, "variant": v, "ms": tm["median_ms"], "min_ms": tm["min_ms"],
-               "tflops": fl / (tm["median_ms"] * 1e-3) / 1e12, "gflop": fl / 1e9,
-               "peak_mib": None if mem["delta_bytes"] is None else mem["delta_bytes"] / 2 ** 20,
-               "saved_mib": sb / 2 ** 20}
-        rows.append(row)
+        rows.append({"side": side, "width": width, "variant": v, "ms": ms, "min_ms": min(samples[v]),
+                     "tflops": fl / (ms * 1e-3) / 1e12, "gflop": fl / 1e9,
+                     "peak_mib": None if mem["delta_bytes"] is None else mem["delta_bytes"] / 2 ** 20,
+                     "saved_mib": sb / 2 ** 20})
     ref = outs.get("eager")
     for row in rows:
         o = outs.get(row["variant"])
@@ -155,6 +173,27 @@ def run_case(dev, side, width, cfg, variants, compiled, iters, warmup):
             # y, mse, grad_x, grad_P against eager
             row["err_vs_eager"] = max(relerr(a, b) for a, b in zip(o, ref))
     return rows
+
+
+def time_call(fn, dev) -> float:
+    """ms of one call: CUDA events around it on CUDA, perf_counter on the CPU."""
+    if dev.startswith("cuda"):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def trim_malloc():
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _bare_step(x, w, p, side, gy):

@@ -33,6 +33,8 @@ sees full precision; the reference returns fp32 there).
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from typing import Optional
 
 import torch
@@ -168,7 +170,15 @@ def _merge(grad_y: Tensor | None, d: Tensor, grad_mse: Tensor, k: float) -> Tens
 
 
 def _no_autocast(t: Tensor):
-    return torch.autocast(t.device.type, enabled=False)
+    dev = t.device.type
+    if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
+        return torch.autocast(dev, enabled=False)
+    return contextlib.nullcontext()
+
+
+# Set while clone_linear() (which has just validated) calls the op, so the op's own check
+# for direct callers of torch.ops.lrc_ext.clone_linear does not run twice in eager mode.
+_validated = threading.local()
 
 
 # ----------------------------------------------------------------------------- forward op
@@ -178,7 +188,8 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
                      side_out: bool, target_proj_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x 2-D (N, in_S), target 2-D or None. Returns (y, mse, W_S, d, G_t); d and G_t are
     empty when not computed (no target; G_t only on the output side with target_proj_grad)."""
-    _validate(x, weight, proj, bias, target, "out" if side_out else "in", x_ndim=2)
+    if not getattr(_validated, "on", False):
+        _validate(x, weight, proj, bias, target, "out" if side_out else "in", x_ndim=2)
     with _no_autocast(x):
         w_s = proj.t() @ weight if side_out else weight @ proj
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
@@ -334,6 +345,11 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
     t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
     side_out = side == "out"
     target_proj_grad = bool(side_out and target is not None and proj.requires_grad and torch.is_grad_enabled())
-    y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad)
+    _validated.on = True
+    try:
+        y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out,
+                                                                target_proj_grad)
+    finally:
+        _validated.on = False
     y = y.view(*lead, y.shape[-1])
     return y, (mse if target is not None else None)
