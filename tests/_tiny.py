@@ -42,10 +42,10 @@ def randomize_(model: torch.nn.Module, std: float = 0.1):
 
 
 def tiny_teacher(family: str, *, tie: bool = False, layers: int = 2, dtype=torch.float32, attn: str = "sdpa",
-                 **over):
+                 std: float = 0.1, **over):
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_config(tiny_config(family, tie=tie, layers=layers, attn=attn, **over))
-    return randomize_(model).to(dtype).eval()
+    return randomize_(model, std).to(dtype).eval()
 
 
 def tiny_tokenizer():

@@ -305,6 +305,44 @@ def test_fused_matches_reference(family, tie):
             close(a.grad, b.grad)
 
 
+# ---- CUDA (skipped without a GPU and the CUDA kernels) -------------------------------------------
+@pytest.mark.cuda
+def test_cuda_matches_cpu():
+    teacher = tiny_teacher("qwen2")
+    model = LowRankClone(teacher, D_S, fused=False)
+    ids, am = batch()
+    want = model(ids, am)
+    model.cuda()
+    for fused in (False, None):
+        model.fused = fused
+        got = model(ids.cuda(), am.cuda())
+        for a, b in [(got.loss, want.loss), (got.lm, want.lm), (got.kl, want.kl)] + [
+                (got.clone[k], want.clone[k]) for k in LINEARS]:
+            torch.testing.assert_close(a.cpu(), b, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_cuda_bf16_fused_and_padding(family):
+    teacher = tiny_teacher(family, dtype=torch.bfloat16).cuda()
+    ref, fus = LowRankClone(teacher, D_S, fused=False), LowRankClone(teacher, D_S, fused=None)
+    fus.load_trainable_state_dict(ref.trainable_state_dict())
+    ids, am = (t.cuda() for t in batch())
+    o_r, o_f = ref(ids, am, return_logits=True), fus(ids, am, return_logits=True)
+    for a, b in [(o_r.loss, o_f.loss), (o_r.lm, o_f.lm), (o_r.kl, o_f.kl)] + [
+            (o_r.clone[k], o_f.clone[k]) for k in LINEARS]:
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=1e-4)
+    o_r.loss.backward()
+    o_f.loss.backward()
+    for a, b in zip(ref.trainable_parameters(), fus.trainable_parameters()):
+        assert torch.isfinite(a.grad).all() and torch.isfinite(b.grad).all()
+        assert F.cosine_similarity(a.grad.float().flatten(), b.grad.float().flatten(), dim=0) > 0.99
+    valid = am.bool()
+    for i in range(2):  # padded rows vs the sequence alone
+        alone = fus.student_logits(ids[i][valid[i]][None])[0]
+        torch.testing.assert_close(o_f.logits[i][valid[i]].float(), alone.float(), rtol=3e-2, atol=3e-2)
+
+
 # ---- bad input ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("width", [0, -4, D_T + 1, 1.5, True])
 def test_bad_width(width):
@@ -378,14 +416,19 @@ def test_bad_inputs():
 
 
 # ---- memory -------------------------------------------------------------------------------------
-def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, fused=None):
-    """Peak bytes allocated during one forward+backward (CPU profiler), and bytes saved for backward
-    (saved_tensors_hooks, parameters excluded). Measured after a warm-up step so .grad exists."""
+def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, ffn=None, heads=4, kv_heads=2,
+                   fused=None, device="cpu", dtype=torch.float32):
+    """Peak bytes allocated during one forward+backward above what was live before it, and bytes
+    saved for backward (saved_tensors_hooks, parameters excluded). After a warm-up step, so the
+    .grad buffers already exist. CPU: the profiler's allocation events; CUDA: the allocator's peak."""
     from torch.profiler import ProfilerActivity, profile
     torch.manual_seed(0)
-    t = tiny_teacher("llama", layers=layers, hidden_size=d_t, intermediate_size=2 * d_t, vocab_size=vocab)
+    with torch.device(device):
+        t = tiny_teacher("llama", layers=layers, hidden_size=d_t, intermediate_size=ffn or 2 * d_t,
+                         vocab_size=vocab, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                         head_dim=d_t // heads, dtype=dtype, std=0.02)
     m = LowRankClone(t, d_s, fused=fused)
-    ids = torch.randint(0, vocab, (batch_size, seq))
+    ids = torch.randint(0, vocab, (batch_size, seq), device=device)
     m(ids).loss.backward()
     params = {p.untyped_storage().data_ptr() for p in m.parameters()}
     saved = {}
@@ -396,10 +439,20 @@ def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, 
             saved[s.data_ptr()] = s.nbytes()
         return x
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    def step():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
             out = m(ids)
         out.loss.backward()
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() - base, sum(saved.values())
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
     live = peak = 0
     for _, n in sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events()
                        if e.name() == "[memory]"):
@@ -444,8 +497,14 @@ def test_teacher_targets_die_with_their_layer(fused):
 
 
 if __name__ == "__main__":
+    # python tests/test_model.py                      # CPU, small
+    # python tests/test_model.py cuda                 # GPU, ~Llama-3.2-1B widths, bf16
+    dev = sys.argv[1] if len(sys.argv) > 1 else "cpu"
+    cfg = (dict(d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024) if dev == "cpu" else
+           dict(d_t=2048, d_s=1024, ffn=8192, heads=32, kv_heads=8, seq=2048, batch_size=2, vocab=32768,
+                dtype=torch.bfloat16))
     for fused in (False, None):
-        print(f"fused={fused}: llama teacher d_T=256 -> d_S=128, F=512, V=1024, batch 2 x 256 tokens, fp32")
+        print(f"{dev} fused={fused}: llama teacher, {cfg}")
         for L in (1, 2, 4, 8):
-            peak, saved = measure_memory(L, fused=fused)
-            print(f"  layers={L}: peak {peak / 2**20:7.2f} MiB   saved for backward {saved / 2**20:7.2f} MiB")
+            peak, saved = measure_memory(L, fused=fused, device=dev, **cfg)
+            print(f"  layers={L}: peak {peak / 2**20:9.2f} MiB   saved for backward {saved / 2**20:9.2f} MiB", flush=True)
