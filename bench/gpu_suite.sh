@@ -1,0 +1,290 @@
+#!/usr/bin/env bash
+# One command for a lent GPU box: build, test, sanitise, benchmark, collect. From the repo root:
+#
+#   LRC_COMMIT=<sha> bash bench/gpu_suite.sh [STAGE ...]
+#
+# Stages, run in the order given:
+#   info      nvidia-smi, python/torch/CUDA/nvcc versions, tools present
+#   build     LRC_CUDA=ON pip wheel + install, no build isolation, no deps, nothing fetched;
+#             skipped when this machine already built the same sources; installs a carried
+#             wheel .carry/wheel-<src hash>/*.whl instead of building when present; the built
+#             wheel goes to $OUT/wheel-<src hash>/ so a later call can carry it
+#   test      python3 -m pytest -m "cuda and not slow" (junit XML)
+#   sanitize  compute-sanitizer memcheck (PYTORCH_NO_CUDA_MEMORY_CACHING=1) and racecheck
+#             over a few CUDA tests of each test file (the first parametrisation of each test
+#             function, at most LRC_SANITIZE_PER_FILE per file), kernels filtered to lrc_ext's
+#   micro     every bench/bench_*.py except bench_step.py, each with --json
+#   step      bench/bench_step.py --shape S for S in $LRC_STEP_SHAPES, each with --json
+#   fulltest  the whole test suite (python3 -m pytest -q, junit XML)
+#   collect   bench/collect_results.py -> $OUT/results-<date>-<device>-<commit>[-TAG].{json,md}
+#             and $OUT/logs.tar.gz (always runs last, also when no stage is named)
+# Presets: all (default) = info build test sanitize micro step collect
+#          part1 = info build test sanitize micro      (first of two 10-minute calls)
+#          part2 = info build step fulltest            (second call; carry .carry/ from part1)
+#
+# Environment: OUT (results; default ./out), LRC_COMMIT (the box has no .git),
+#   LRC_SUITE_BUDGET (seconds for the whole call, default 550: a step that would not fit
+#   is skipped and recorded, every step runs under `timeout`), LRC_SUITE_WORK (scratch,
+#   default /tmp/lrc_suite, reused by a later call while the machine is warm),
+#   LRC_QUICK=1 (--quick to the benchmarks), LRC_STEP_SHAPES (default "lrc1.5b smollm2"),
+#   LRC_SANITIZE_PER_FILE (default 4), LRC_SANITIZE_ALL=1 (instrument every kernel, not
+#   only lrc_ext's), LRC_CUDA_ARCHS (default "80;90a", what tests/test_info.py expects),
+#   LRC_CUDA (default ON with a GPU), PYTHON (default python3).
+# Without a GPU: info runs, build runs only with LRC_SUITE_BUILD=1 (else the installed or
+# in-tree build is used), test and sanitize are recorded as skipped, micro and step run
+# their CPU shapes (--quick; compile mode with the "eager" dynamo backend), collect runs.
+# Exit status: 0 when every step that ran passed, 1 otherwise (results are written either way).
+
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+START=$(date +%s)
+BUDGET=${LRC_SUITE_BUDGET:-550}
+DEADLINE=$(( START + BUDGET ))
+RESERVE=25           # seconds kept for collect
+OUT=${OUT:-$ROOT/out}
+WORK=${LRC_SUITE_WORK:-/tmp/lrc_suite}
+PY=${PYTHON:-python3}
+TAG=""
+mkdir -p "$OUT" "$WORK/json" "$WORK/logs"
+: > "$WORK/steps.jsonl.new"
+[ -f "$WORK/steps.jsonl" ] && cat "$WORK/steps.jsonl" >> "$WORK/steps.jsonl.new"
+mv "$WORK/steps.jsonl.new" "$WORK/steps.jsonl"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+# ---- stages asked for
+stages=()
+for a in "${@:-all}"; do
+  case "$a" in
+    all) stages+=(info build test sanitize micro step) ;;
+    part1) stages+=(info build test sanitize micro); TAG=part1 ;;
+    part2) stages+=(info build step fulltest); TAG=part2 ;;
+    info|build|test|sanitize|micro|step|fulltest|collect) stages+=("$a") ;;
+    *) echo "gpu_suite: unknown stage '$a' (info build test sanitize micro step fulltest collect | all part1 part2)"; exit 2 ;;
+  esac
+done
+
+# ---- carried wheels for packages the box lacks (README of the device tool)
+if compgen -G ".whl/*.whl" > /dev/null; then
+  echo "gpu_suite: installing carried wheels from .whl/ into /tmp/site"
+  if $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl; then
+    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "gpu_suite: WARNING: installing .whl/*.whl failed; going on without them"
+  fi
+fi
+
+HAVE_GPU=0
+if $PY -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then HAVE_GPU=1; fi
+FAILED=0
+
+# record STEP STATUS RC SECONDS NOTE  (one JSON line; NOTE: plain text)
+record() {
+  local note=${5//\\/\/}; note=${note//\"/\'}; note=$(printf '%s' "$note" | tr -d '\000-\037')
+  printf '{"step": "%s", "status": "%s", "rc": %s, "seconds": %s, "note": "%s", "tag": "%s", "gpu": %s}\n' \
+    "$1" "$2" "$3" "$4" "${note:0:300}" "$TAG" "$HAVE_GPU" >> "$WORK/steps.jsonl"
+  [ "$2" = ok ] || [ "$2" = skipped ] || FAILED=1
+}
+
+left() { echo $(( DEADLINE - $(date +%s) - RESERVE )); }
+
+# run_step NAME CAP_SECONDS CMD...: runs CMD under timeout min(CAP, budget left), output to
+# $WORK/logs/NAME.log, prints the log's tail, records the result.
+run_step() {
+  local name=$1 cap=$2; shift 2
+  local l; l=$(left)
+  if (( l < 20 )); then
+    echo "=== [$name] skipped: ${l}s of the budget left"
+    record "$name" skipped null 0 "budget: ${l}s left"
+    return 0
+  fi
+  local t=$(( cap < l ? cap : l ))
+  local log="$WORK/logs/$name.log" t0 rc dt st note=""
+  echo "=== [$name] $(date -u +%H:%M:%S) timeout ${t}s: $*"
+  t0=$(date +%s)
+  timeout -k 15 "$t" "$@" > "$log" 2>&1
+  rc=$?
+  dt=$(( $(date +%s) - t0 ))
+  if (( rc == 0 )); then st=ok; elif (( rc == 124 || rc == 137 )); then st=timeout; note="stopped after ${t}s"; else st=failed; fi
+  tail -n "${LRC_TAIL:-25}" "$log" | cut -c1-400
+  echo "=== [$name] $st rc=$rc in ${dt}s"
+  record "$name" "$st" "$rc" "$dt" "$note"
+  return $rc
+}
+
+skip() { echo "=== [$1] skipped: $2"; record "$1" skipped null 0 "$2"; }
+
+src_hash() {
+  { cat pyproject.toml CMakeLists.txt; find csrc python third_party -type f 2>/dev/null | LC_ALL=C sort | xargs cat; } \
+    | sha256sum | cut -c1-16
+}
+
+# ------------------------------------------------------------------------------- stages
+stage_info() {
+  local log="$WORK/logs/info.log"
+  {
+    echo "date: $(date -u +%FT%TZ)  host: $(hostname)  cpus: $(nproc)  budget: ${BUDGET}s  gpu: $HAVE_GPU"
+    nvidia-smi 2>&1 | head -20 || echo "no nvidia-smi"
+    $PY -c "import sys, torch; print('python', sys.version.split()[0], '| torch', torch.__version__, '| CUDA', torch.version.cuda, '| GPU', torch.cuda.get_device_name() if torch.cuda.is_available() else None)"
+    command -v nvcc > /dev/null && nvcc --version | tail -2 || echo "no nvcc"
+    echo "compute-sanitizer: $(command -v compute-sanitizer || echo none)"
+    $PY -c "import transformers, importlib.util as u; print('transformers', transformers.__version__, '| liger_kernel', bool(u.find_spec('liger_kernel')), '| pytest_timeout', bool(u.find_spec('pytest_timeout')))"
+  } > "$log" 2>&1
+  cat "$log"
+  record info ok 0 0 ""
+}
+
+write_env() {  # metadata after the build (it records what lrc_ext was built with)
+  $PY - "$WORK/json/env.json" <<'EOF' > /dev/null 2>&1 || true
+import json, sys
+sys.path.insert(0, "bench")
+import common
+json.dump({"kind": "env", "meta": common._jsonable(common.metadata())}, open(sys.argv[1], "w"), indent=1)
+EOF
+}
+
+stage_build() {
+  local h; h=$(src_hash)
+  if [ "$HAVE_GPU" = 0 ] && [ "${LRC_SUITE_BUILD:-0}" != 1 ]; then
+    skip build "no GPU: using the existing build (LRC_SUITE_BUILD=1 to build anyway)"; return
+  fi
+  if [ -f "$WORK/build.stamp" ] && [ "$(cat "$WORK/build.stamp")" = "$h" ] && \
+     (cd /tmp && $PY -c "import lrc_ext._C") 2>/dev/null; then
+    skip build "already built on this machine (sources $h)"; sync_py; return
+  fi
+  local carried; carried=$(ls .carry/wheel-"$h"/lrc_ext-*.whl 2>/dev/null | head -1)
+  if [ -n "$carried" ]; then
+    if run_step build_carried 120 $PY -m pip install --no-index --no-deps --no-build-isolation --force-reinstall "$carried"; then
+      echo "$h" > "$WORK/build.stamp"; sync_py; return
+    fi
+  fi
+  local cuda=${LRC_CUDA:-$([ "$HAVE_GPU" = 1 ] && echo ON || echo AUTO)}
+  rm -rf "$WORK/wheel"
+  if run_step build 420 env LRC_CUDA="$cuda" LRC_CUDA_ARCHS="${LRC_CUDA_ARCHS:-80;90a}" \
+       CMAKE_BUILD_PARALLEL_LEVEL="$(nproc)" \
+       $PY -m pip wheel -v --no-build-isolation --no-deps --no-index -w "$WORK/wheel" \
+       --config-settings=build-dir="$WORK/skbuild" . ; then
+    if run_step install 120 $PY -m pip install --no-index --no-deps --force-reinstall "$WORK"/wheel/lrc_ext-*.whl; then
+      echo "$h" > "$WORK/build.stamp"
+      sync_py
+      local w; w=$(ls "$WORK"/wheel/lrc_ext-*.whl | head -1)
+      if [ -n "$w" ] && [ "$(stat -c %s "$w")" -lt 16000000 ]; then
+        mkdir -p "$OUT/wheel-$h" && cp "$w" "$OUT/wheel-$h/"
+        echo "gpu_suite: wheel kept as $OUT/wheel-$h/$(basename "$w") (carry it as .carry/wheel-$h/ to skip the next build)"
+      fi
+    fi
+  fi
+  grep -E "warning|error" "$WORK/logs/build.log" 2>/dev/null | grep -v -E "^\s*$|-Werror|Wno-" | head -20
+}
+
+# The tree's Python files win over the installed copy's (a carried wheel may hold older
+# ones): copy lrc_ext/**/*.py over the installed package.
+sync_py() {
+  local dst; dst=$(cd /tmp && $PY -c "import lrc_ext, os; print(os.path.dirname(lrc_ext.__file__))" 2>/dev/null)
+  if [ -n "$dst" ] && [ "$dst" != "$ROOT/lrc_ext" ] && [ -d "$dst" ]; then
+    (cd lrc_ext && find . -name "*.py" -exec cp --parents {} "$dst"/ \;)
+  fi
+}
+
+stage_test() {
+  if [ "$HAVE_GPU" = 0 ]; then skip test "no GPU"; return; fi
+  run_step test_cuda 240 $PY -m pytest -m "cuda and not slow" -q -p no:cacheprovider -rfE \
+    --junitxml="$WORK/junit_cuda.xml" tests
+}
+
+stage_fulltest() {
+  run_step test_full 300 $PY -m pytest -q -p no:cacheprovider -rfE --junitxml="$WORK/junit_full.xml" tests
+}
+
+stage_sanitize() {
+  if [ "$HAVE_GPU" = 0 ]; then skip sanitize "no GPU"; return; fi
+  local cs; cs=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null | head -1)
+  if [ -z "$cs" ]; then skip sanitize "compute-sanitizer not found"; return; fi
+  $PY - "${LRC_SANITIZE_PER_FILE:-4}" > "$WORK/sanitize_ids.txt" 2> "$WORK/logs/sanitize_collect.log" <<'EOF'
+import subprocess, sys
+k = int(sys.argv[1])
+r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                    "-m", "cuda and not slow", "tests"], capture_output=True, text=True)
+seen, per_file = set(), {}
+for line in r.stdout.splitlines():
+    if "::" not in line or line.startswith(" "):
+        continue
+    f, rest = line.split("::", 1)
+    fn = rest.split("[", 1)[0]
+    if (f, fn) in seen or per_file.get(f, 0) >= k:
+        continue
+    seen.add((f, fn)); per_file[f] = per_file.get(f, 0) + 1
+    print(line.strip())
+EOF
+  mapfile -t ids < "$WORK/sanitize_ids.txt"
+  if (( ${#ids[@]} == 0 )); then skip sanitize "no CUDA tests collected"; return; fi
+  echo "gpu_suite: sanitizing ${#ids[@]} tests: ${ids[*]}"
+  local filt=()
+  [ "${LRC_SANITIZE_ALL:-0}" = 1 ] || filt=(--kernel-name kns=lrc)
+  local tool
+  for tool in memcheck racecheck; do
+    local envs=()
+    [ "$tool" = memcheck ] && envs=(PYTORCH_NO_CUDA_MEMORY_CACHING=1)
+    run_step "sanitize_$tool" 200 env "${envs[@]}" "$cs" --tool "$tool" "${filt[@]}" --error-exitcode 97 \
+      --print-limit 20 $PY -m pytest -q -p no:cacheprovider -x "${ids[@]}"
+    local log="$WORK/logs/sanitize_$tool.log"
+    # A kernel filter this compute-sanitizer does not take: run once more without it.
+    if [ ${#filt[@]} -gt 0 ] && ! grep -q "ERROR SUMMARY\|RACECHECK SUMMARY" "$log" && grep -qi "kernel-name\|invalid\|unrecognized" "$log"; then
+      echo "gpu_suite: the kernel filter was refused; sanitizing every kernel"
+      run_step "sanitize_$tool" 200 env "${envs[@]}" "$cs" --tool "$tool" --error-exitcode 97 --print-limit 20 \
+        $PY -m pytest -q -p no:cacheprovider -x "${ids[@]}"
+    fi
+    echo "SANITIZED: ${ids[*]}" >> "$log"
+  done
+}
+
+quick_flag() {
+  if [ "${LRC_QUICK:-0}" = 1 ] || [ "$HAVE_GPU" = 0 ]; then echo --quick; fi
+}
+
+stage_micro() {
+  local f name q; q=$(quick_flag)
+  for f in bench/bench_*.py; do
+    name=$(basename "$f" .py)
+    [ "$name" = bench_step ] && continue
+    local cap=240; [ "$name" = bench_mse_grad ] && cap=120
+    if grep -q -- "--json" "$f"; then
+      run_step "$name" "$cap" $PY "$f" --json "$WORK/json/$name.json" $q
+    else
+      run_step "$name" "$cap" $PY "$f" $q
+    fi
+  done
+}
+
+stage_step() {
+  local shapes=${LRC_STEP_SHAPES:-lrc1.5b smollm2} s cap extra=()
+  if [ "$HAVE_GPU" = 0 ]; then shapes=tiny; extra=(--quick --compile-backend eager); fi
+  [ "${LRC_QUICK:-0}" = 1 ] && extra+=(--quick)
+  for s in $shapes; do
+    cap=330; [ "$s" = lrc1.5b ] || cap=180
+    local l; l=$(left); (( l < cap )) && cap=$l
+    run_step "bench_step_$s" "$cap" $PY bench/bench_step.py --shape "$s" --json "$WORK/json/bench_step_$s.json" \
+      --budget-s $(( cap > 90 ? cap - 60 : cap / 2 )) "${extra[@]}"
+  done
+}
+
+stage_collect() {
+  write_env
+  local junit=() f
+  for f in "$WORK"/junit_*.xml; do [ -f "$f" ] && junit+=("$f"); done
+  $PY bench/collect_results.py "$WORK/json" --steps "$WORK/steps.jsonl" --junit "${junit[@]}" \
+    --logs "$WORK/logs" --out-dir "$OUT" ${TAG:+--tag "$TAG"} --print 2>&1 | tail -c 9000
+  # logs, each cut to its last 3000 lines, in one archive
+  rm -rf "$WORK/logs_tail" && mkdir -p "$WORK/logs_tail"
+  for f in "$WORK"/logs/*.log; do [ -f "$f" ] && tail -n 3000 "$f" > "$WORK/logs_tail/$(basename "$f")"; done
+  cp "$WORK/steps.jsonl" "$WORK/logs_tail/" 2>/dev/null
+  tar czf "$OUT/logs${TAG:+-$TAG}.tar.gz" -C "$WORK" logs_tail 2>/dev/null
+  echo "gpu_suite: $(( $(date +%s) - START ))s; files in $OUT: $(cd "$OUT" && find . -type f | sort | tr '\n' ' ')"
+}
+
+for st in "${stages[@]}"; do
+  [ "$st" = collect ] && continue
+  "stage_$st"
+done
+stage_collect
+exit $FAILED
