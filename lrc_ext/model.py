@@ -243,9 +243,12 @@ class LowRankClone(nn.Module):
             h_s = self.norm(x_s.index_select(0, keep))
             h_t = (base.norm(pick(x_t).index_select(0, keep)) if need_teacher
                    else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
+            w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
+            dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
+            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
+            h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
             lm, kl = resolve_op("distill_head", self.fused)(
-                h_s, h_t, self.teacher.get_output_embeddings().weight.detach(), self.head_proj,
-                nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
+                h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
                 kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=B,
                 tau_squared=self.tau_squared)
         logits = None

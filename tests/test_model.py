@@ -305,6 +305,26 @@ def test_fused_matches_reference(family, tie):
             close(a.grad, b.grad)
 
 
+def test_autocast_fp32_masters_bf16_teacher():
+    """Mixed precision as a trainer runs it: bf16 teacher, fp32 trainables, autocast."""
+    teacher = tiny_teacher("qwen3", dtype=torch.bfloat16)
+    outs = []
+    for fused in (False, True):
+        model = LowRankClone(teacher, D_S, fused=fused)
+        if outs:
+            model.load_trainable_state_dict(outs[0][0].trainable_state_dict())
+        for p in model.trainable_parameters():
+            p.data = p.data.float()
+        ids, am = batch()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids, am)
+        out.loss.backward()
+        assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
+        assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.trainable_parameters())
+        outs.append((model, out))
+    torch.testing.assert_close(outs[0][1].loss, outs[1][1].loss, rtol=5e-2, atol=0)
+
+
 # ---- CUDA (skipped without a GPU and the CUDA kernels) -------------------------------------------
 @pytest.mark.cuda
 def test_cuda_matches_cpu():
