@@ -284,7 +284,8 @@ class LowRankClone(nn.Module):
         o = lin("o", att)
         if tgt is not None and "o" in tgt and self.attn_clone_space == "teacher":
             # authors' form: MSE(att_S @ W_o.T, o_T) in the teacher's space
-            d = (F.linear(att, sl.o.teacher.weight.detach()) - pick(tgt["o"])).float()
+            d = F.linear(att, sl.o.teacher.weight.detach()) - pick(tgt["o"])
+            d = d.to(torch.promote_types(d.dtype, torch.float32))
             clone["o"] = clone["o"] + (d * d).mean()
         x = x + o
         b = sl.post_attention_layernorm(x)

@@ -284,6 +284,40 @@ def test_padding_invariance(family, left):
         close(out.clone[kind], sum(n[i] * singles[i].clone[kind].double() for i in range(2)) / n.sum())
 
 
+# ---- cost shape -------------------------------------------------------------------------------
+def test_weights_formed_once_and_embedding_gathered(monkeypatch):
+    """Per forward: one clone op per linear (each forms its W_S once), one head op; the embedding
+    is gathered then projected, so the only (V, d_S) tensor is the head's W_head_S."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    import lrc_ext.model as lm_mod
+    calls, resolve = {}, lrc_ext.modules.resolve_op
+
+    def counting(name, fused):
+        op = resolve(name, fused)
+
+        def counted(*a, **k):
+            calls[name] = calls.get(name, 0) + 1
+            return op(*a, **k)
+        return counted
+    monkeypatch.setattr(lm_mod, "resolve_op", counting)
+    monkeypatch.setattr(lrc_ext.modules, "resolve_op", counting)
+
+    class Shapes(TorchDispatchMode):
+        seen = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor):
+                self.seen.append(tuple(out.shape))
+            return out
+
+    model = LowRankClone(tiny_teacher("llama", layers=3), D_S, fused=False)
+    with Shapes() as mode:
+        model(*batch())
+    assert calls == {"clone_linear": 7 * 3, "distill_head": 1}
+    assert mode.seen.count((VOCAB, D_S)) == 1
+
+
 # ---- fused switch -------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
 def test_fused_matches_reference(family, tie):
@@ -305,9 +339,10 @@ def test_fused_matches_reference(family, tie):
             close(a.grad, b.grad)
 
 
-def test_autocast_fp32_masters_bf16_teacher():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_autocast_fp32_masters_bf16_teacher(device):
     """Mixed precision as a trainer runs it: bf16 teacher, fp32 trainables, autocast."""
-    teacher = tiny_teacher("qwen3", dtype=torch.bfloat16)
+    teacher = tiny_teacher("qwen3", dtype=torch.bfloat16).to(device)
     outs = []
     for fused in (False, True):
         model = LowRankClone(teacher, D_S, fused=fused)
@@ -315,8 +350,8 @@ def test_autocast_fp32_masters_bf16_teacher():
             model.load_trainable_state_dict(outs[0][0].trainable_state_dict())
         for p in model.trainable_parameters():
             p.data = p.data.float()
-        ids, am = batch()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        ids, am = (t.to(device) for t in batch())
+        with torch.autocast(device, dtype=torch.bfloat16):
             out = model(ids, am)
         out.loss.backward()
         assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
