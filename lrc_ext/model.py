@@ -125,7 +125,8 @@ class LowRankClone(nn.Module):
         ours = {k: shape for k, (shape, _) in self._export_entries().items()}
         if ours != stock_shapes:
             raise RuntimeError(f"LowRankClone: student tensors do not match the stock "
-                               f"{teacher.config.model_type} model: {sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
+                               f"{teacher.config.model_type} model: "
+                               f"{sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
 
     # ---- public helpers -------------------------------------------------------------------
     @property
@@ -180,7 +181,8 @@ class LowRankClone(nn.Module):
         input_ids = as_ids("input_ids", input_ids)
         lo, hi = int(input_ids.min()), int(input_ids.max())
         if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids: ids must be in [0, {vocab}) (the teacher's vocabulary), got min {lo}, max {hi}")
+            raise ValueError(f"input_ids: ids must be in [0, {vocab}) (the teacher's vocabulary), "
+                             f"got min {lo}, max {hi}")
         if attention_mask is not None:
             if not torch.is_tensor(attention_mask) or attention_mask.shape != input_ids.shape:
                 raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got "

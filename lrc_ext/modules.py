@@ -39,7 +39,8 @@ class FusedCloneLinear(nn.Module):
         if side not in _SIDES:
             raise ValueError(f"FusedCloneLinear: side must be 'in' or 'out', got {side!r}")
         if not isinstance(teacher_linear, nn.Linear):
-            raise TypeError(f"FusedCloneLinear: teacher_linear must be an nn.Linear, got {type(teacher_linear).__name__}")
+            raise TypeError(f"FusedCloneLinear: teacher_linear must be an nn.Linear, "
+                            f"got {type(teacher_linear).__name__}")
         if side == "out" and teacher_linear.bias is not None:
             raise ValueError("FusedCloneLinear: an output-side teacher linear with a bias is not supported")
         w = teacher_linear.weight

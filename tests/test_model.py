@@ -225,9 +225,12 @@ def test_export_round_trip(tmp_path, family, tie, tie_head):
     model.export(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     cfg = AutoConfig.from_pretrained(tmp_path)
-    assert cfg.model_type == family and cfg.hidden_size == D_S and cfg.head_dim == teacher.model.layers[0].self_attn.head_dim
+    tc = teacher.config
+    assert cfg.model_type == family and cfg.hidden_size == D_S
+    assert cfg.head_dim == teacher.model.layers[0].self_attn.head_dim
     assert cfg.tie_word_embeddings == bool(tie and model.tie_head)
-    assert cfg.intermediate_size == teacher.config.intermediate_size and cfg.num_attention_heads == teacher.config.num_attention_heads
+    assert (cfg.intermediate_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.vocab_size) == (
+        tc.intermediate_size, tc.num_attention_heads, tc.num_key_value_heads, tc.vocab_size)
     assert "auto_map" not in json.loads((tmp_path / "config.json").read_text())
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     ids, am = batch()
@@ -562,4 +565,5 @@ if __name__ == "__main__":
         print(f"{dev} fused={fused}: llama teacher, {cfg}")
         for L in (1, 2, 4, 8):
             peak, saved = measure_memory(L, fused=fused, device=dev, **cfg)
-            print(f"  layers={L}: peak {peak / 2**20:9.2f} MiB   saved for backward {saved / 2**20:9.2f} MiB", flush=True)
+            print(f"  layers={L}: peak {peak / 2**20:9.2f} MiB   saved for backward {saved / 2**20:9.2f} MiB",
+                  flush=True)
