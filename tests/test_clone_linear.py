@@ -41,6 +41,15 @@ SHAPES = [
 CASES = [("in", True), ("in", False), ("out", False)]  # (side, bias); no bias on the output side
 
 
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    """fp32 tolerances assume true fp32 GEMMs on CUDA, whatever another test left set."""
+    old = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = old
+
+
 def make(side, lead, d_t, d_s, other, dtype, device, bias=False, target=True, scale=1.0):
     """Teacher weight, projection, bias, student input and teacher target of one clone linear.
 
