@@ -446,7 +446,7 @@ def fmt(v, digits: int = 3) -> str:
         if v != v:
             return "nan"
         a = abs(v)
-        if a >= 1e5:
+        if a >= 1e4:
             return f"{v:,.0f}"
         if a >= 100:
             return f"{v:.1f}"

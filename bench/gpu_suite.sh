@@ -46,11 +46,6 @@ OUT=${OUT:-$ROOT/out}
 WORK=${LRC_SUITE_WORK:-/tmp/lrc_suite}
 PY=${PYTHON:-python3}
 TAG=""
-mkdir -p "$OUT" "$WORK/json" "$WORK/logs"
-: > "$WORK/steps.jsonl.new"
-[ -f "$WORK/steps.jsonl" ] && cat "$WORK/steps.jsonl" >> "$WORK/steps.jsonl.new"
-mv "$WORK/steps.jsonl.new" "$WORK/steps.jsonl"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # ---- stages asked for
 stages=()
@@ -63,6 +58,10 @@ for a in "${@:-all}"; do
     *) echo "gpu_suite: unknown stage '$a' (info build test sanitize micro step fulltest collect | all part1 part2)"; exit 2 ;;
   esac
 done
+
+mkdir -p "$OUT" "$WORK/json" "$WORK/logs"
+touch "$WORK/steps.jsonl"   # kept across calls on a warm machine: collect reports every step
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 
 # ---- carried wheels for packages the box lacks (README of the device tool)
 if compgen -G ".whl/*.whl" > /dev/null; then
