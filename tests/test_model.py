@@ -75,10 +75,10 @@ def run_hooked(model, ids, am):
 
 
 # ---- identity oracle ------------------------------------------------------------------------
-@pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("tie", [False, True])
-def test_identity_oracle(family, tie):
-    teacher = tiny_teacher(family, tie=tie)
+@pytest.mark.parametrize("family,tie,attn", [(f, t, "sdpa") for f in FAMILIES for t in (False, True)] + [
+    ("llama", False, "eager"), ("qwen3", True, "eager")])
+def test_identity_oracle(family, tie, attn):
+    teacher = tiny_teacher(family, tie=tie, attn=attn)
     model = LowRankClone(teacher, D_T)
     set_identity_(model)
     ids, am = batch()
