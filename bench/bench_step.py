@@ -509,7 +509,8 @@ def run_mode(mode: str, s: Shape, args, dev: str, dtype, ceil: dict, deadline: f
         row.update(status="ok", micro_batch=mb, seq=seq, tokens_per_step=tokens, step_ms=step_ms,
                    step_ms_min=min(sum(p.values()) for p in phases),
                    tokens_per_s=tokens / (step_ms * 1e-3), achieved_tflops=tflops,
-                   mfu_datasheet=(tflops / ceil["datasheet_bf16_tflops"]) if ceil.get("datasheet_bf16_tflops") else None,
+                   mfu_datasheet=(tflops / ceil["datasheet_bf16_tflops"]) if ceil.get("datasheet_bf16_tflops")
+                   else None,
                    mfu_measured=tflops / ceil["matmul_tflops"], forward_ms=ph.get("forward"),
                    backward_ms=ph.get("backward"), optimizer_ms=ph.get("optimizer"),
                    peak_mem_gib=None if peak is None else peak / 2 ** 30, loss_last=float(last["loss"]),
@@ -695,6 +696,14 @@ def main(argv=None) -> int:
 
     for mode in modes:
         print(f"\n=== {s.name} / {mode} ===", flush=True)
+        need = 150 if mode == "compile" and args.compile_backend == "inductor" and cuda else 0
+        if time.time() + need > deadline:
+            rows.append({"shape": s.name, "mode": mode, "status": "skipped",
+                         "error": f"time budget ({args.budget_s} s) spent before this mode"})
+            details[mode] = {"notes": ["skipped: time budget"]}
+            print("skipped: time budget", flush=True)
+            write()
+            continue
         row, det = run_mode(mode, eff, args, dev, dtype, ceil, deadline)
         rows.append(row)
         details[mode] = det
@@ -756,10 +765,14 @@ def _print_mode(row: dict, det: dict):
     if det.get("breakdown"):
         common.print_table(det["breakdown"], ["stage", "fwd_ms", "bwd_ms", "other_ms", "ms", "pct_step", "tflops"],
                            headers={"pct_step": "% step", "tflops": "TFLOP/s"},
-                           title=f"{row['mode']}: where the step goes (profiled kernel time; "
-                                 f"{det.get('profiled_kernel_ms', 0):.1f} ms of {row['step_ms']:.1f} ms)")
+                           title=f"{row['mode']}: where the step goes ({det.get('breakdown_basis')}; "
+                                 f"attributed {det.get('profiled_kernel_ms', 0):.1f} ms"
+                                 + (f" of {det['device_kernel_ms']:.1f} ms kernel time"
+                                    if det.get("device_kernel_ms") is not None else "")
+                                 + f"; step {row['step_ms']:.1f} ms)")
         print(f"bottleneck: {bottleneck(det['breakdown'])}", flush=True)
-        common.print_table(det["top_kernels"][:8], ["kernel", "ms", "calls", "pct"], title=f"{row['mode']}: top kernels")
+        common.print_table(det["top_kernels"][:8], ["kernel", "ms", "calls", "pct"],
+                           title=f"{row['mode']}: top kernels")
 
 
 if __name__ == "__main__":

@@ -284,8 +284,8 @@ def results_md(res: dict, full: bool = True) -> str:
     if res.get("steps"):
         out += ["## Steps", "", format_table(res["steps"], ["step", "status", "rc", "seconds", "note"]), ""]
     if res.get("tests"):
-        trows = [{"suite": k, **{kk: v.get(kk) for kk in ("tests", "passed", "failures", "errors", "skipped",
-                                                            "time_s")}, "failed": ", ".join(v.get("failed") or [])[:300]}
+        keys = ("tests", "passed", "failures", "errors", "skipped", "time_s")
+        trows = [{"suite": k, **{kk: v.get(kk) for kk in keys}, "failed": ", ".join(v.get("failed") or [])[:300]}
                  for k, v in res["tests"].items()]
         out += ["## Tests", "", format_table(trows), ""]
     if res.get("sanitizer"):
@@ -453,10 +453,9 @@ def summary(res: dict) -> str:
     for k, b in sorted((res.get("benches") or {}).items()):
         if b.get("bench") == "bench_step":
             rows = b.get("rows") or []
-            out += [f"{k}:", format_table(rows, [c for c in ("mode", "status", "micro_batch", "tokens_per_s",
-                                                              "mfu_datasheet", "peak_mem_gib", "max_micro_batch",
-                                                              "speedup_vs_eager", "error") if any(c in r for r in rows)],
-                                           STEP_HEAD)]
+            cols = [c for c in ("mode", "status", "micro_batch", "tokens_per_s", "mfu_datasheet", "peak_mem_gib",
+                                "max_micro_batch", "speedup_vs_eager", "error") if any(c in r for r in rows)]
+            out += [f"{k}:", format_table(rows, cols, STEP_HEAD)]
             for mode, d in (b.get("details") or {}).items():
                 if d.get("breakdown"):
                     out.append(f"  {mode} bottleneck: {_bottleneck(d['breakdown'])}")

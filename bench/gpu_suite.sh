@@ -27,6 +27,8 @@
 #   is skipped and recorded, every step runs under `timeout`), LRC_SUITE_WORK (scratch,
 #   default /tmp/lrc_suite, reused by a later call while the machine is warm),
 #   LRC_QUICK=1 (--quick to the benchmarks), LRC_STEP_SHAPES (default "lrc1.5b smollm2"),
+#   LRC_STEP_ARGS (extra bench_step.py arguments), LRC_ARGS_<bench name> (extra arguments
+#   of one microbenchmark; bench_clone_linear gets --compile-mode default unless set),
 #   LRC_SANITIZE_PER_FILE (default 4), LRC_SANITIZE_ALL=1 (instrument every kernel, not
 #   only lrc_ext's), LRC_CUDA_ARCHS (default "80;90a", what tests/test_info.py expects),
 #   LRC_CUDA (default ON with a GPU), PYTHON (default python3).
@@ -187,12 +189,13 @@ sync_py() {
 
 stage_test() {
   if [ "$HAVE_GPU" = 0 ]; then skip test "no GPU"; return; fi
-  run_step test_cuda 240 $PY -m pytest -m "cuda and not slow" -q -p no:cacheprovider -rfE \
+  run_step test_cuda 240 $PY -m pytest -m "cuda and not slow" -q -p no:cacheprovider -rfE --continue-on-collection-errors \
     --junitxml="$WORK/junit_cuda.xml" tests
 }
 
 stage_fulltest() {
-  run_step test_full 300 $PY -m pytest -q -p no:cacheprovider -rfE --junitxml="$WORK/junit_full.xml" tests
+  run_step test_full 300 $PY -m pytest -q -p no:cacheprovider -rfE --continue-on-collection-errors \
+    --junitxml="$WORK/junit_full.xml" tests
 }
 
 stage_sanitize() {
@@ -203,7 +206,8 @@ stage_sanitize() {
 import subprocess, sys
 k = int(sys.argv[1])
 r = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                    "-m", "cuda and not slow", "tests"], capture_output=True, text=True)
+                    "--continue-on-collection-errors", "-m", "cuda and not slow", "tests"],
+                   capture_output=True, text=True)
 seen, per_file = set(), {}
 for line in r.stdout.splitlines():
     if "::" not in line or line.startswith(" "):
@@ -241,16 +245,21 @@ quick_flag() {
   if [ "${LRC_QUICK:-0}" = 1 ] || [ "$HAVE_GPU" = 0 ]; then echo --quick; fi
 }
 
+# Extra arguments of a microbenchmark: LRC_ARGS_<name>, e.g.
+#   LRC_ARGS_bench_clone_linear="--compile-mode max-autotune"   (minutes a case on an H100)
+# Default for bench_clone_linear: --compile-mode default (seconds), so the suite fits its call.
 stage_micro() {
-  local f name q; q=$(quick_flag)
+  local f name q var extra; q=$(quick_flag)
+  : "${LRC_ARGS_bench_clone_linear=--compile-mode default}"
   for f in bench/bench_*.py; do
     name=$(basename "$f" .py)
     [ "$name" = bench_step ] && continue
     local cap=240; [ "$name" = bench_mse_grad ] && cap=120
+    var="LRC_ARGS_$name"; extra=${!var:-}
     if grep -q -- "--json" "$f"; then
-      run_step "$name" "$cap" $PY "$f" --json "$WORK/json/$name.json" $q
+      run_step "$name" "$cap" $PY "$f" --json "$WORK/json/$name.json" $q $extra
     else
-      run_step "$name" "$cap" $PY "$f" $q
+      run_step "$name" "$cap" $PY "$f" $q $extra
     fi
   done
 }
@@ -263,7 +272,7 @@ stage_step() {
     cap=330; [ "$s" = lrc1.5b ] || cap=180
     local l; l=$(left); (( l < cap )) && cap=$l
     run_step "bench_step_$s" "$cap" $PY bench/bench_step.py --shape "$s" --json "$WORK/json/bench_step_$s.json" \
-      --budget-s $(( cap > 90 ? cap - 60 : cap / 2 )) "${extra[@]}"
+      --budget-s $(( cap > 90 ? cap - 60 : cap / 2 )) "${extra[@]}" ${LRC_STEP_ARGS:-}
   done
 }
 

@@ -123,8 +123,9 @@ def test_collect_results_and_readme(tmp_path):
                targets=[common.target("step.lrc1.5b.fused.tokens_per_s", 10.0)])
     (tmp_path / "in").mkdir()
     (tmp_path / "in" / "a.json").write_text(json.dumps(bench))
-    (tmp_path / "steps.jsonl").write_text('{"step": "build", "status": "ok", "rc": 0, "seconds": 100, "note": ""}\n'
-                                          '{"step": "test_cuda", "status": "failed", "rc": 1, "seconds": 5, "note": ""}\n')
+    (tmp_path / "steps.jsonl").write_text(
+        '{"step": "build", "status": "ok", "rc": 0, "seconds": 100, "note": ""}\n'
+        '{"step": "test_cuda", "status": "failed", "rc": 1, "seconds": 5, "note": ""}\n')
     (tmp_path / "junit_cuda.xml").write_text(
         '<testsuites><testsuite tests="3" failures="1" errors="0" skipped="1" time="1.5">'
         '<testcase classname="tests.test_x" name="test_a"><failure message="boom"/></testcase>'
