@@ -463,6 +463,8 @@ def run_mode(mode: str, s: Shape, args, dev: str, dtype, ceil: dict, deadline: f
     try:
         r.build()
         row["build_s"] = time.perf_counter() - t_build
+        row["trainable_params"] = sum(p.numel() for p in r.params)
+        row["param_dtype"] = str(r.params[0].dtype).replace("torch.", "")
         det["ops"] = resolved_names(mode == "fused") if mode != "compile" else \
             {k: v + " (torch.compile)" for k, v in resolved_names(False).items()}
         seq = s.seq
@@ -675,7 +677,7 @@ def main(argv=None) -> int:
               "device": dev, "compile_scope": args.compile_scope, "compile_backend": args.compile_backend,
               "compile_mode": args.compile_mode, "optimizer": "AdamW(lr=1e-4, betas=(0.9, 0.999), wd=0, "
               + ("fused=True)" if cuda else "foreach)") + " + clip_grad_norm_(1.0)", "tau": 40.0,
-              "alpha": s.alpha, "flop_formula": FLOP_FORMULA}
+              "alpha": s.alpha, "flop_formula": FLOP_FORMULA, "allow_tf32": bool(cuda)}
 
     def derive():
         eager = next((x for x in rows if x["mode"] == "eager" and x.get("status") == "ok"), None)
