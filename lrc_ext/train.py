@@ -60,7 +60,7 @@ def build_model(cfg: TrainConfig, teacher, tokenizer):
                             tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
                             use_clone=cfg.use_clone, tokenizer=tokenizer)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported...
-        raise ConfigError(f"--teacher {cfg.teacher}: {e}") from None
+        raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
 
 
 def resolve_device(cfg: TrainConfig):
@@ -140,6 +140,13 @@ def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp) -
     return total / held_out.shape[0]
 
 
+def _logged_step(line: str) -> float:
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf  # a line cut short by a kill
+
+
 def main(argv=None) -> int:
     try:
         return train(argv)
@@ -207,7 +214,7 @@ def train(argv=None) -> int:
         checkpoint.set_rng_state(st["rng"])
         step, tokens, pos, elapsed = st["step"], st["tokens"], st["data_pos"], st["elapsed_s"]
         kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if ln.strip() and json.loads(ln)["step"] <= step]  # drop steps logged after the checkpoint
+                if _logged_step(ln) <= step]  # drop steps logged after the checkpoint
         log_path.write_text("".join(ln + "\n" for ln in kept))
         say(f"resumed  from {resume_from} (step {step}, {tokens:,} tokens)")
     else:
