@@ -4,6 +4,7 @@
 #include <atomic>
 #include <cmath>
 #include <limits>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -220,19 +221,45 @@ LRC_DH_CLONES void one_row(T* zr, const T* tr, int64_t V, int64_t y, double inv_
   if constexpr (KL) *kl = res.kl;
 }
 
+// Rows are handed out one at a time to `threads` short-lived std::threads. Not OpenMP: this
+// module's OpenMP runtime is not torch's, and two runtimes whose idle threads spin-wait
+// on 2 cores slow each other (and every torch GEMM between our calls) down several-fold.
+template <typename F>
+void parallel_rows(int64_t rows, int64_t work, int threads, F&& f) {
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(threads, 1), rows));
+  if (nt <= 1 || work < (int64_t(1) << 18)) {
+    f(int64_t(0), rows, 0);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  auto worker = [&](int id) {
+    for (int64_t r; (r = next.fetch_add(1)) < rows;) f(r, r + 1, id);
+  };
+  std::vector<std::thread> pool;
+  pool.reserve(nt - 1);
+  for (int i = 1; i < nt; ++i) pool.emplace_back(worker, i);
+  worker(0);
+  for (auto& t : pool) t.join();
+}
+
 template <typename T, bool CE, bool KL, bool WRITE>
 void run(T* zs, int64_t ldzs, const T* zt, int64_t ldzt, const int64_t* labels, int64_t rows, int64_t V,
          double inv_tau, double lm_coef, double kl_coef, int64_t ignore_index, void* ce_out, void* kl_out,
-         std::atomic<int64_t>& bad_row) {
+         int threads, std::atomic<int64_t>& bad_row) {
   using Acc = decltype(load(zs));  // float, or double for fp64
   constexpr bool kDirect = std::is_same_v<T, Acc>;
   Acc* ce = static_cast<Acc*>(ce_out);
   Acc* kl = static_cast<Acc*>(kl_out);
-#pragma omp parallel if (rows > 1)
-  {
-    std::vector<Acc> sbuf(kDirect ? 0 : V), tbuf(kDirect || !KL ? 0 : V);
-#pragma omp for schedule(dynamic, 1)
-    for (int64_t r = 0; r < rows; ++r) {
+  const int nt = static_cast<int>(std::min<int64_t>(std::max(threads, 1), rows));
+  // Per-thread conversion buffers for bf16 / fp16 rows.
+  std::vector<std::vector<Acc>> sbuf(nt), tbuf(nt);
+  if constexpr (!kDirect)
+    for (int i = 0; i < nt; ++i) {
+      sbuf[i].resize(V);
+      if constexpr (KL) tbuf[i].resize(V);
+    }
+  parallel_rows(rows, rows * V, nt, [&](int64_t r0, int64_t r1, int id) {
+    for (int64_t r = r0; r < r1; ++r) {
       T* zr = zs + r * ldzs;
       const T* tr = KL ? zt + r * ldzt : nullptr;
       const int64_t y = labels[r];
@@ -247,20 +274,20 @@ void run(T* zs, int64_t ldzs, const T* zt, int64_t ldzt, const int64_t* labels, 
         if constexpr (KL) kl[r] = 0;
         continue;
       }
-      one_row<T, CE, KL, WRITE>(zr, tr, V, y, inv_tau, lm_coef, kl_coef, sbuf.data(), tbuf.data(),
+      one_row<T, CE, KL, WRITE>(zr, tr, V, y, inv_tau, lm_coef, kl_coef, sbuf[id].data(), tbuf[id].data(),
                                 CE ? ce + r : nullptr, KL ? kl + r : nullptr);
     }
-  }
+  });
 }
 
 template <typename T>
 void dispatch_flags(bool ce, bool kl, bool write, T* zs, int64_t ldzs, const T* zt, int64_t ldzt,
                     const int64_t* labels, int64_t rows, int64_t V, double inv_tau, double lm_coef, double kl_coef,
-                    int64_t ignore_index, void* ce_out, void* kl_out, std::atomic<int64_t>& bad) {
+                    int64_t ignore_index, void* ce_out, void* kl_out, int threads, std::atomic<int64_t>& bad) {
 #define LRC_DH_CASE(C, K, W)                                                                                    \
   if (ce == C && kl == K && write == W)                                                                         \
     return run<T, C, K, W>(zs, ldzs, zt, ldzt, labels, rows, V, inv_tau, lm_coef, kl_coef, ignore_index, ce_out, \
-                           kl_out, bad);
+                           kl_out, threads, bad);
   LRC_DH_CASE(true, true, true)
   LRC_DH_CASE(true, true, false)
   LRC_DH_CASE(true, false, true)
@@ -275,7 +302,7 @@ void dispatch_flags(bool ce, bool kl, bool write, T* zs, int64_t ldzs, const T* 
 
 void distill_head_rows_cpu(void* zs, int64_t ldzs, const void* zt, int64_t ldzt, DType dt, const int64_t* labels,
                            int64_t rows, int64_t vocab, double inv_tau, double lm_coef, double kl_coef,
-                           int64_t ignore_index, void* ce_out, void* kl_out, bool write_grad) {
+                           int64_t ignore_index, void* ce_out, void* kl_out, bool write_grad, int threads) {
   const char* op = "distill_head";
   if (rows < 0 || vocab < 0) fail(op, "negative shape");
   if (rows == 0) return;
@@ -288,7 +315,7 @@ void distill_head_rows_cpu(void* zs, int64_t ldzs, const void* zt, int64_t ldzt,
   dispatch_dtype(dt, op, [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     dispatch_flags<T>(ce, kl, write_grad, static_cast<T*>(zs), ldzs, static_cast<const T*>(zt), ldzt, labels, rows,
-                      vocab, inv_tau, lm_coef, kl_coef, ignore_index, ce_out, kl_out, bad);
+                      vocab, inv_tau, lm_coef, kl_coef, ignore_index, ce_out, kl_out, threads, bad);
   });
   const int64_t r = bad.load();
   if (r >= 0)

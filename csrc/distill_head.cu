@@ -46,8 +46,8 @@ __device__ __forceinline__ void block_allreduce(float (&x)[NV]) {
 __device__ __forceinline__ float ex2(float x) { return exp2f(x); }
 
 // One block per row. Pass 1: online maxima and normalisers (one read of s and t).
-// Pass 2: gradient in place, and the KL sums (a second read). Logits are kept in
-// log2 units: a = s * log2(e), so exp(s - m) = 2^(a - m').
+// Pass 2: gradient in place, and the KL sums (a second read). exp(x) is computed as
+// exp2(x * log2(e)) on max-shifted arguments (<= 0), so nothing overflows at any tau.
 template <typename T, int VEC, bool CE, bool KL, bool WRITE>
 __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* __restrict__ zt, int64_t ldzt,
                                     const int64_t* __restrict__ labels, int64_t V, float inv_tau, float lm_coef,
@@ -87,11 +87,14 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
       if constexpr (KL) Ss *= ex2((ms - m) * ltau);
       ms = m;
     }
+    float l1 = 0.f, ls = 0.f;  // per-vector partials: shorter chains of fp32 additions
 #pragma unroll
     for (int k = 0; k < VEC; ++k) {
-      if (CE) S1 += ex2((a[k] - ms) * kLog2e);
-      if (KL) Ss += ex2((a[k] - ms) * ltau);
+      if (CE) l1 += ex2((a[k] - ms) * kLog2e);
+      if (KL) ls += ex2((a[k] - ms) * ltau);
     }
+    S1 += l1;
+    Ss += ls;
     if constexpr (KL) {
       const Vec<T, VEC> pt = *reinterpret_cast<const Vec<T, VEC>*>(t + i);
       float b[VEC], mm = -INFINITY;
@@ -104,8 +107,10 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
         St *= ex2((mt - mm) * ltau);
         mt = mm;
       }
+      float lt = 0.f;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) St += ex2((b[k] - mt) * ltau);
+      for (int k = 0; k < VEC; ++k) lt += ex2((b[k] - mt) * ltau);
+      St += lt;
     }
   }
   if (VEC == 1) {
@@ -146,7 +151,7 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
   const float c1 = CE ? lm_coef / S1 : 0.f, cs = KL ? 1.f / Ss : 0.f, ct = KL ? 1.f / St : 0.f;
 
   // Pass 2: g = lm_coef (softmax(s) - onehot) + kl_coef (p_S - p_T) in place;
-  // A = sum p_T (t - s), P = sum p_T.
+  // A = sum p_T (t - s), P = sum p_T; KL = A / tau - [(mt - ms)/tau + log(St/Ss)] P.
   float A = 0.f, P = 0.f;
   if (KL || WRITE) {
     for (int64_t i = int64_t(threadIdx.x) * VEC; i < vend; i += step) {
@@ -154,6 +159,7 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
       Vec<T, VEC> pt{};
       if constexpr (KL) pt = *reinterpret_cast<const Vec<T, VEC>*>(t + i);
       Vec<T, VEC> out;
+      float la = 0.f, lp = 0.f;
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const float a = to_float(ps.v[k]);
@@ -163,12 +169,14 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
           const float b = to_float(pt.v[k]);
           const float qs = ex2((a - ms) * ltau) * cs;
           const float qt = ex2((b - mt) * ltau) * ct;
-          A = fmaf(qt, b - a, A);
-          P += qt;
+          la = fmaf(qt, b - a, la);
+          lp += qt;
           g = fmaf(kl_coef, qs - qt, g);
         }
         out.v[k] = from_float<T>(g);
       }
+      A += la;
+      P += lp;
       if (WRITE) *reinterpret_cast<Vec<T, VEC>*>(s + i) = out;
     }
     if (VEC == 1) {
@@ -195,10 +203,11 @@ __global__ void distill_rows_kernel(T* __restrict__ zs, int64_t ldzs, const T* _
     P = ap[1];
   }
   if (threadIdx.x == 0) {
-    if (CE) ce_out[row] = ms + logf(S1) - sy;
+    if (CE) ce_out[row] = static_cast<float>(double(ms) - double(sy) + log(double(S1)));
     if (KL) {
-      const float c = (mt - ms) * inv_tau + logf(St) - logf(Ss);
-      kl_out[row] = inv_tau * A - c * P;
+      // Once per row, in double: KL is a small difference of O(1) terms at large tau.
+      const double c = (double(mt) - double(ms)) * inv_tau + log(double(St) / double(Ss));
+      kl_out[row] = static_cast<float>(double(inv_tau) * A - c * P);
     }
   }
 }

@@ -14,6 +14,7 @@
 // reduced by one thread (CPU) or one block (CUDA) in an order fixed by V alone, so the
 // results are bit-reproducible.
 //
+// CPU: rows are spread over `threads` threads (std::thread, not OpenMP; see the .cpp).
 // zs, zt: (rows, V) with row strides ldzs, ldzt (unit column stride), storage dtype dt.
 // labels: int64, device memory of the same device. ce_out / kl_out: one value per row,
 // double for F64, float otherwise.
@@ -26,7 +27,7 @@ namespace lrc {
 
 void distill_head_rows_cpu(void* zs, int64_t ldzs, const void* zt, int64_t ldzt, DType dt, const int64_t* labels,
                            int64_t rows, int64_t vocab, double inv_tau, double lm_coef, double kl_coef,
-                           int64_t ignore_index, void* ce_out, void* kl_out, bool write_grad);
+                           int64_t ignore_index, void* ce_out, void* kl_out, bool write_grad, int threads);
 
 #ifdef LRC_WITH_CUDA
 // Asynchronous on `stream`. A label outside [0, V) that is not ignore_index gives a NaN

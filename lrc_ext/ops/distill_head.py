@@ -215,7 +215,7 @@ def _launch_rows(zs: Tensor, zt: Tensor | None, labels: Tensor, inv_tau: float, 
             labels.data_ptr(), rows, vocab, inv_tau, lm_coef, kl_coef, IGNORE_INDEX,
             ce.data_ptr() if ce is not None else 0, kl.data_ptr() if kl is not None else 0, write)
     if zs.device.type == "cpu":
-        _ext.lib(_OP).distill_head_rows_cpu(*args)
+        _ext.lib(_OP).distill_head_rows_cpu(*args, torch.get_num_threads())
     else:
         _ext.require_cuda(_OP).distill_head_rows_cuda(*args, _ext.stream(zs))
 
