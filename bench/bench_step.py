@@ -706,8 +706,11 @@ def main(argv=None) -> int:
             print("skipped: time budget", flush=True)
             write()
             continue
+        # a placeholder first, so a run stopped from outside (timeout) says which mode it was in
+        rows.append({"shape": s.name, "mode": mode, "status": "running (stopped before it finished?)"})
+        write()
         row, det = run_mode(mode, eff, args, dev, dtype, ceil, deadline)
-        rows.append(row)
+        rows[-1] = row
         details[mode] = det
         if row.get("status") == "error":
             errors.append(f"{s.name}/{mode}: {row.get('error')}")
