@@ -282,7 +282,7 @@ def results_md(res: dict, full: bool = True) -> str:
     out = [f"# lrc_ext GPU suite results ({m.get('device', '?')}, {m.get('date', '?')[:10]})", ""]
     out += _meta_lines(m) + [""]
     if res.get("steps"):
-        out += ["## Steps", "", format_table(res["steps"], ["step", "status", "rc", "seconds", "note"]), ""]
+        out += ["## Steps", "", format_table(res["steps"], ["step", "status", "rc", "seconds", "tag", "at", "note"]), ""]
     if res.get("tests"):
         keys = ("tests", "passed", "failures", "errors", "skipped", "time_s")
         trows = [{"suite": k, **{kk: v.get(kk) for kk in keys}, "failed": ", ".join(v.get("failed") or [])[:300]}

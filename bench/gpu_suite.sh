@@ -84,8 +84,8 @@ FAILED=0
 # record STEP STATUS RC SECONDS NOTE  (one JSON line; NOTE: plain text)
 record() {
   local note=${5//\\/\/}; note=${note//\"/\'}; note=$(printf '%s' "$note" | tr -d '\000-\037')
-  printf '{"step": "%s", "status": "%s", "rc": %s, "seconds": %s, "note": "%s", "tag": "%s", "gpu": %s}\n' \
-    "$1" "$2" "$3" "$4" "${note:0:300}" "$TAG" "$HAVE_GPU" >> "$WORK/steps.jsonl"
+  printf '{"step": "%s", "status": "%s", "rc": %s, "seconds": %s, "note": "%s", "tag": "%s", "gpu": %s, "at": "%s"}\n' \
+    "$1" "$2" "$3" "$4" "${note:0:300}" "$TAG" "$HAVE_GPU" "$(date -u +%FT%TZ)" >> "$WORK/steps.jsonl"
   [ "$2" = ok ] || [ "$2" = skipped ] || FAILED=1
 }
 
