@@ -527,6 +527,8 @@ def run_mode(mode: str, s: Shape, args, dev: str, dtype, ceil: dict, deadline: f
                 det.update(profile_step(r, ids, step_ms, fl, mode))
             except Exception as e:  # noqa: BLE001 - the breakdown must never cost the figures
                 det["notes"].append(f"profile failed: {type(e).__name__}: {str(e)[:300]}")
+            r.opt.zero_grad(set_to_none=True)
+            common.free_memory(dev)
         elif args.profile:
             det["notes"].append("profile skipped: time budget")
         # ---- largest micro-batch: probe upwards from the timed one, one step each
