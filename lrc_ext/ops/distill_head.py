@@ -208,6 +208,35 @@ def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
 
 # ----------------------------------------------------------------------------- the computation
 
+# How the gradients leave the logits gradient g (chunk x V), per chunk:
+#   "student": grad h_s = g @ W_S, grad W_S += g.T @ h_s (a V x d_S fp32 accumulator), and
+#              grad P = W_T.T @ grad W_S at the end: 4 N V d_S + 2 V d_T d_S FLOPs;
+#   "teacher": X = g @ W_T (chunk x d_T), grad h_s = X @ P, grad P += X.T @ h_s:
+#              2 N V d_T + 4 N d_T d_S FLOPs, and no V x d_S accumulator (nor its traffic).
+# "auto": for bf16 / fp16 inputs the one with fewer FLOPs ("teacher" whenever d_T <= 2 d_S
+# and P_head is trained; LRC: d_T = 2 d_S); "student" for fp32 / fp64 (see _backward_gemms).
+# Env LRC_DISTILL_HEAD_BWD overrides BACKWARD_GEMMS.
+BACKWARD_GEMMS = "auto"
+# "teacher" mode's small GEMMs (X @ P, X.T @ h_s): True: on tensor cores in the input dtype,
+# X split as hi + lo; False: in fp32 (fp64 for fp64). None: True on CUDA, False on CPU.
+SPLIT_SMALL_GEMMS: bool | None = None
+
+
+def _backward_gemms(n: int, vocab: int, d_t: int, d_s: int, need_h: bool, need_p: bool, dtype) -> str:
+    mode = os.environ.get("LRC_DISTILL_HEAD_BWD") or BACKWARD_GEMMS
+    if mode not in ("auto", "student", "teacher"):
+        raise ValueError(f"lrc_ext.{_OP}: backward GEMMs must be 'auto', 'student' or 'teacher', got {mode!r}")
+    if mode != "auto":
+        return mode
+    if dtype not in (torch.bfloat16, torch.float16):
+        # "teacher" takes grad P through a sum over V (X = g @ W_T): in fp32 that is as
+        # accurate as the reference's grad h_s (1e-4 at V = 150k), not as its grad P (1e-5).
+        return "student"
+    student = 2 * n * vocab * d_s * (int(need_h) + int(need_p)) + (2 * vocab * d_t * d_s if need_p else 0)
+    teacher = 2 * n * vocab * d_t + 2 * n * d_t * d_s * (int(need_h) + int(need_p))
+    return "teacher" if teacher <= student else "student"
+
+
 def _launch_rows(zs: Tensor, zt: Tensor | None, labels: Tensor, inv_tau: float, lm_coef: float, kl_coef: float,
                  ce: Tensor | None, kl: Tensor | None, write: bool):
     rows, vocab = zs.shape
@@ -272,7 +301,15 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     ce_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_ce else None
     kl_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_kl else None
     gh_v = g_h if (need_h and idx is None) else (torch.empty(n_valid, d_s, dtype=acc, device=dev) if need_h else None)
-    g_w = torch.zeros(vocab, d_s, dtype=acc, device=dev) if need_p else None
+    mode = _backward_gemms(n_valid, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
+    if record:
+        last_plan["backward_gemms"] = mode
+    g_w = torch.zeros(vocab, d_s, dtype=acc, device=dev) if (need_p and mode == "student") else None
+    if mode == "teacher":
+        x_buf = torch.empty(rows, d_t, dtype=acc, device=dev)
+        split = SPLIT_SMALL_GEMMS if SPLIT_SMALL_GEMMS is not None else dev.type == "cuda"
+        small = h_s.dtype if split else acc  # dtype of the small GEMMs' operands
+        p_small = p_head.to(small)
 
     w_s = w_head_t @ p_head  # (V, d_S), once
     ctx = torch.cuda.device(dev) if dev.type == "cuda" else _nullctx()
@@ -288,14 +325,29 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
                 torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
             _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale, kl_coef * prescale,
                          ce_rows[r0:r1] if do_ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
-            if need_h:
-                _gemm(gh_v[r0:r1], zs, w_s, alpha, accumulate=False)
-            if need_p:
-                _gemm(g_w, zs.t(), hs[r0:r1], alpha, accumulate=True)
+            if mode == "student":
+                # grad h_s = g @ W_S; grad W_S += g.T @ h_s (fp32 accumulator, V x d_S)
+                if need_h:
+                    _gemm(gh_v[r0:r1], zs, w_s, alpha, accumulate=False)
+                if need_p:
+                    _gemm(g_w, zs.t(), hs[r0:r1], alpha, accumulate=True)
+            elif mode == "teacher":
+                # X = g @ W_T (m x d_T, fp32) once; grad h_s = X @ P; grad P += X.T @ h_s. X keeps
+                # the fp16 prescale until the small GEMMs. On GPUs those run on tensor cores with
+                # X split as hi + lo in the input dtype (X to ~16 bits, twice the small FLOPs).
+                x = x_buf[:m]
+                _gemm(x, zs, w_head_t, 1.0, accumulate=False)
+                parts = _split(x, small)
+                h_c = hs[r0:r1].to(small)
+                for j, xs in enumerate(parts):
+                    if need_h:
+                        _gemm(gh_v[r0:r1], xs, p_small, alpha, accumulate=j > 0)
+                    if need_p:
+                        _gemm(g_p, xs.t(), h_c, alpha, accumulate=True)
     del zs_buf, zt_buf, w_s
     if need_h and idx is not None:
         g_h.index_copy_(0, idx, gh_v)
-    if need_p:
+    if need_p and mode == "student":
         if w_head_t.dtype == acc:
             torch.mm(w_head_t.t(), g_w, out=g_p)
         elif dev.type == "cpu":
@@ -305,6 +357,14 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     lm = ce_rows.sum() * (lm_weight / n_valid) if do_ce else zero
     kl = kl_rows.sum() * kl_scale if do_kl else zero.clone()
     return lm, kl, g_h, g_p
+
+
+def _split(x: Tensor, dtype: torch.dtype) -> list:
+    """x as one tensor of `dtype` (same dtype: x itself), or as hi + lo in a half dtype."""
+    if x.dtype == dtype:
+        return [x]
+    hi = x.to(dtype)
+    return [hi, (x - hi.to(x.dtype)).to(dtype)]
 
 
 class _nullctx:
