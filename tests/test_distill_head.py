@@ -424,24 +424,31 @@ def test_peak_memory_cpu():
 
 
 @pytest.mark.cuda
-def test_peak_memory_cuda():
-    n, vocab = 4096, 128256
-    x = make(n, 256, 512, vocab, torch.bfloat16, "cuda")
-    h_s, h_t, w, p, labels = x
-    nv4 = n * vocab * 4
-    peaks = []
-    for fn in (distill_head, distill_head_reference):
+def test_peak_memory_cuda(monkeypatch):
+    n, vocab = 8192, 128256
+    h_s, h_t, w, p, labels = make(n, 256, 512, vocab, torch.bfloat16, "cuda")
+    nv4 = n * vocab * 4  # one N x V fp32 tensor: 4.2 GB
+
+    def peak(fn):
         a, b = h_s.clone().requires_grad_(), p.clone().requires_grad_()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         lm, kl = fn(a, h_t, w, b, labels)
         (lm + kl).backward()
         torch.cuda.synchronize()
-        peaks.append(torch.cuda.max_memory_allocated() - base)
-        del a, b, lm, kl
-    assert peaks[0] < nv4 / 2, f"fused peak {peaks[0] / 2**20:.0f} MiB, one N x V fp32 {nv4 / 2**20:.0f} MiB"
-    assert peaks[1] > 5 * peaks[0], f"reference {peaks[1] / 2**20:.0f} MiB vs fused {peaks[0] / 2**20:.0f} MiB"
+        return torch.cuda.max_memory_allocated() - base
+
+    ours = peak(distill_head)  # default budget: 1 GiB of logits buffers
+    assert dh.last_plan["buffer_bytes"] <= dh.CUDA_CHUNK_BYTES
+    assert ours < nv4 / 2, f"fused peak {ours / 2**20:.0f} MiB, one N x V fp32 {nv4 / 2**20:.0f} MiB"
+    monkeypatch.setenv("LRC_DISTILL_HEAD_CHUNK_MB", "128")
+    small = peak(distill_head)
+    assert dh.last_plan["buffer_bytes"] <= 128 << 20
+    assert small < nv4 / 12, f"fused peak with 128 MiB of buffers: {small / 2**20:.0f} MiB"
+    ref = peak(distill_head_reference)
+    assert ref > 5 * ours, f"reference {ref / 2**20:.0f} MiB vs fused {ours / 2**20:.0f} MiB"
 
 
 # ----------------------------------------------------------------------------- benchmark smoke test

@@ -54,7 +54,7 @@ _REDUCTIONS = ("batchmean", "token")
 # CPU: a fixed budget. CUDA: CUDA_CHUNK_BYTES (env LRC_DISTILL_HEAD_CHUNK_MB overrides it),
 # at most a quarter of the free memory.
 CPU_CHUNK_BYTES = 64 << 20
-CUDA_CHUNK_BYTES = 512 << 20
+CUDA_CHUNK_BYTES = 1 << 30
 
 # What the last call of the fused op planned (for tests and benchmarks): rows, vocab,
 # chunk_rows, n_chunks, buffer_bytes (the two logits buffers), teacher (bool).
@@ -169,18 +169,24 @@ def plan_chunk(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, 
 _OUT_DTYPE_OK: dict = {}
 
 
-def _cuda_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether torch.addmm(..., out_dtype=float32) accumulates half inputs into fp32 in place here."""
-    key = (device.index, dtype)
+def _cuda_out_dtype_ok(device: torch.device, dtype: torch.dtype, kind: str) -> bool:
+    """Whether, here, half inputs can be multiplied into fp32 by cuBLAS directly:
+    kind "addmm": torch.addmm(acc, a, b, out_dtype=float32, out=acc) accumulates in place;
+    kind "mm": torch.mm(a, b, out_dtype=float32). Probed once per device and dtype."""
+    key = (device.index, dtype, kind)
     if key not in _OUT_DTYPE_OK:
         ok = False
         try:
             a = torch.randn(7, 5, device=device).to(dtype)
             b = torch.randn(7, 3, device=device).to(dtype)
             c = torch.randn(5, 3, device=device)
-            ref = c + 0.5 * (a.float().t() @ b.float())
-            torch.addmm(c, a.t(), b, beta=1.0, alpha=0.5, out_dtype=torch.float32, out=c)
-            ok = bool(torch.allclose(c, ref, rtol=1e-3, atol=1e-3))
+            if kind == "addmm":
+                ref = c + 0.5 * (a.float().t() @ b.float())
+                torch.addmm(c, a.t(), b, beta=1.0, alpha=0.5, out_dtype=torch.float32, out=c)
+            else:
+                ref = a.float().t() @ b.float()
+                c = torch.mm(a.t(), b, out_dtype=torch.float32)
+            ok = c.dtype == torch.float32 and bool(torch.allclose(c, ref, rtol=1e-3, atol=1e-3))
         except (RuntimeError, TypeError):
             ok = False
         _OUT_DTYPE_OK[key] = ok
@@ -188,16 +194,18 @@ def _cuda_out_dtype_ok(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
-    """out (fp32/fp64) = [out +] alpha * (a @ b), a and b in the input dtype."""
+    """out (fp32/fp64) = [out +] alpha * (a @ b), a and b in the input dtype: products
+    accumulated in fp32 and written in fp32 (no rounding to the input dtype on the way)."""
     beta = 1.0 if accumulate else 0.0
     if a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta, alpha=alpha)
-    elif out.is_cuda and _cuda_out_dtype_ok(out.device, a.dtype):
-        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
-    elif not out.is_cuda:  # half inputs on CPU: fp32 GEMM (CPU half GEMMs round their output)
+    elif not out.is_cuda:  # half inputs on CPU: an fp32 GEMM
         out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
+    elif _cuda_out_dtype_ok(out.device, a.dtype, "addmm"):
+        torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
-        tmp = torch.mm(a, b)
+        # older torch: fp32 product through a temporary (or, lacking that too, a half one)
+        tmp = torch.mm(a, b, out_dtype=out.dtype) if _cuda_out_dtype_ok(out.device, a.dtype, "mm") else torch.mm(a, b)
         if accumulate:
             out.add_(tmp, alpha=alpha)
         else:
