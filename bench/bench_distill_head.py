@@ -17,8 +17,10 @@ W_head_S = W_head_T @ P_head:
   fused    lrc_ext.ops.distill_head (ours); extra rows "fused[c=K]" with --chunk-sizes
 
 Shapes (bf16 on GPU): lrc1.5b N=8192, V=128256, d_T=3072, d_S=1536 (Llama-3.2-3B -> LRC-1.5B),
-smollm2 N=8192, V=49152, d_T=576, d_S=288. CPU (fp32): cpu N=1024, V=32000, d_T=512,
-d_S=256; --quick: N=256, V=8000, d_T=128, d_S=64.
+smollm2 N=8192, V=49152, d_T=576, d_S=288 (--quick on a GPU: lrc1.5b only). CPU (fp32):
+cpu N=1024, V=32000, d_T=512, d_S=256; --quick: N=256, V=8000, d_T=128, d_S=64.
+Order: fused, eager, liger, compile (its compilation takes minutes), JSON rewritten after
+every measurement. Env LRC_DISTILL_HEAD_CHUNK_MB / LRC_DISTILL_HEAD_BWD tune the fused op.
 
 Memory: the peak over the memory held before the call (inputs). CUDA: torch's allocator
 peak; CPU: the growth of the resident-set high-water mark over one call, measured in one
@@ -157,10 +159,11 @@ def main(argv=None) -> int:
     if args.shapes:
         shapes = args.shapes.split(",")
     elif cuda:
-        shapes = ["smollm2"] if args.quick else ["lrc1.5b", "smollm2"]
+        shapes = ["lrc1.5b"] if args.quick else ["lrc1.5b", "smollm2"]
     else:
         shapes = ["cpu-quick"] if args.quick else ["cpu"]
-    default_impls = "eager,fused" if (args.quick and not cuda) else "eager,compile,liger,fused"
+    # ours first, compile (minutes of compilation) last: a run stopped by a time limit keeps the rest
+    default_impls = "fused,eager" if (args.quick and not cuda) else "fused,eager,liger,compile"
     names = (args.impls or default_impls).split(",")
     chunk_sizes = [int(c) for c in args.chunk_sizes.split(",") if c]
     iters = args.iters or ((5 if not args.quick else 3) if cuda else (3 if not args.quick else 2))
@@ -173,6 +176,15 @@ def main(argv=None) -> int:
     rows, errors, targets, notes = [], [], [], []
     for name, why in skipped.items():
         notes.append(f"{name}: {why}")
+
+    def save():  # after every measurement, so a run stopped by a time limit keeps what it measured
+        if args.json:
+            common.write_json(args.json, "bench_distill_head", rows, device=dev, targets=targets, errors=errors,
+                              notes=notes, config={"shapes": {s: SHAPES[s] for s in shapes}, "tau": TAU,
+                                                   "kl_reduction": "token", "dtype": str(dtype),
+                                                   "iters": iters, "warmup": warmup,
+                                                   "impls": list(impls), "chunk_sizes": chunk_sizes})
+
     for sname in shapes:
         if sname not in SHAPES:
             raise SystemExit(f"bench_distill_head: unknown shape {sname!r} (one of {', '.join(SHAPES)})")
@@ -218,7 +230,9 @@ def main(argv=None) -> int:
             shape_rows[iname] = row
             rows.append(row)
             if row["status"] == "ok":
-                print(f"  {sname:9s} {iname:12s} {row['time_ms']:10.2f} ms  loss {row['loss']:.6f}", flush=True)
+                print(f"  {sname:9s} {iname:12s} {row['time_ms']:10.2f} ms  loss {row['loss']:.6f}"
+                      + (f"  peak {row['peak_bytes'] / 2 ** 30:.3f} GiB" if row.get("peak_bytes") else ""), flush=True)
+            save()
         if not cuda:  # in-process RSS keeps what earlier runs freed: measure in a fresh process
             ok = [k for k, r in shape_rows.items() if r["status"] == "ok"]
             try:
@@ -254,6 +268,7 @@ def main(argv=None) -> int:
             if base and base.get("status") == "ok":
                 targets.append(common.target("distill_head.mem_saving_vs_eager",
                                              base["peak_bytes"] / max(ours["peak_bytes"], 1)))
+        save()
         del h_s, h_t, w, p, labels
 
     cols = ["shape", "impl", "status", "time_ms", "peak_gib", "speedup_vs_eager", "speedup_vs_liger",
@@ -266,11 +281,7 @@ def main(argv=None) -> int:
     for note in notes:
         print("note:", note)
     if args.json:
-        common.write_json(args.json, "bench_distill_head", rows, device=dev, targets=targets, errors=errors,
-                          notes=notes, config={"shapes": {s: SHAPES[s] for s in shapes}, "tau": TAU,
-                                               "kl_reduction": "token", "dtype": str(dtype),
-                                               "iters": iters, "warmup": warmup,
-                                               "impls": list(impls), "chunk_sizes": chunk_sizes})
+        save()
         print(f"wrote {args.json}")
     return 1 if errors else 0
 

@@ -313,6 +313,24 @@ def test_compile_fullgraph(device, backend):
         torch.testing.assert_close(g, r)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_same_loss_as_liger_if_installed(device):
+    """What the benchmark compares with: Liger's fused linear JSD loss with beta = 0 is
+    CE + KL(p_T || p_S) / n_valid, i.e. our lm + kl with kl_reduction="token"."""
+    lk = pytest.importorskip("liger_kernel.chunked_loss")
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    h_s, h_t, w, p, labels = make(40, 16, 24, 300, dtype, device, ignored=(3, 7))
+    m = lk.LigerFusedLinearJSDLoss(weight_hard_loss=1.0, weight_soft_loss=1.0, beta=0.0, ignore_index=-100,
+                                   temperature=40.0, compiled=False, chunk_size=16)
+    theirs = run(lambda a, t, w_, b, y: (m(a, w_ @ b, t, w_, y), torch.zeros((), device=device)),
+                 h_s, h_t, w, p, labels)
+    ours = run(lambda *x: (sum(distill_head(*x, tau=40.0, kl_reduction="token")), torch.zeros((), device=device)),
+               h_s, h_t, w, p, labels)
+    tol = 1e-5 if device == "cpu" else 1e-4  # Liger takes its CE's log-softmax in fp32
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a.to(b.dtype), b, rtol=tol, atol=tol * b.abs().max().item())
+
+
 # ----------------------------------------------------------------------------- errors
 
 def _bad_cases():
