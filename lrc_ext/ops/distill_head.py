@@ -15,13 +15,18 @@ Two implementations with one signature:
 
 - ``distill_head_reference``: plain PyTorch with full N x V logits, the oracle.
 - ``distill_head``: the fused op ``lrc_ext::distill_head``. W_head_S is formed once; the
-  tokens are taken in chunks; per chunk the student and teacher logits come from two
-  GEMMs into two reused (chunk, V) buffers, then one kernel per row (csrc/distill_head.*:
-  C++/OpenMP on CPU, CUDA on GPU; fp32 accumulation) computes CE, KL and the gradient with
-  respect to the student logits, written in place over the student buffer; two more GEMMs
-  accumulate the gradients of h_s and W_head_S, and grad P_head = w_head_t.T @ grad W_head_S
-  at the end. Gradients are computed in the forward and only scaled in the backward, so
-  nothing of size N x V outlives a chunk.
+  tokens are taken in chunks (size from N, V and free memory, or ``chunk_size``); per
+  chunk the student and teacher logits come from two GEMMs into two reused (chunk, V)
+  buffers in the input dtype, then one kernel over the rows (csrc/distill_head.*: C++ on
+  CPU, CUDA on GPU; fp32 accumulation, max-shifted softmaxes) computes CE, KL and the
+  gradient g with respect to the student logits, written in place over the student
+  buffer; then the gradients leave g by GEMMs (see BACKWARD_GEMMS): either grad h_s =
+  g @ W_head_S and grad W_head_S += g.T @ h_s, with grad P_head = w_head_t.T @ grad W_head_S
+  at the end ("student"), or X = g @ w_head_t, grad h_s = X @ P_head, grad P_head +=
+  X.T @ h_s ("teacher", the default for bf16 / fp16 when d_T <= 2 d_S: same FLOPs as the
+  two student GEMMs, no V x d_S accumulator). Gradients are computed in the forward and
+  only scaled in the backward, so nothing of size N x V outlives a chunk. Ignored tokens
+  are dropped before the GEMMs.
 
 Gradient bookkeeping. The forward computes the gradient of ``lm + kl``. The backward is
 exact for any pair of upstream gradients (g_lm, g_kl): when they are equal (the usual
@@ -56,8 +61,9 @@ _REDUCTIONS = ("batchmean", "token")
 CPU_CHUNK_BYTES = 64 << 20
 CUDA_CHUNK_BYTES = 1 << 30
 
-# What the last call of the fused op planned (for tests and benchmarks): rows, vocab,
-# chunk_rows, n_chunks, buffer_bytes (the two logits buffers), teacher (bool).
+# What the last call of the fused op planned (for tests and benchmarks): rows (valid
+# tokens), vocab, chunk_rows, n_chunks, buffer_bytes (the logits buffers), teacher (whether
+# the teacher's logits were computed), backward_gemms ("student", "teacher" or "none").
 last_plan: dict = {}
 
 
