@@ -80,7 +80,8 @@ def assert_matches(got, ref, loss_rtol, grad_rtol, what=""):
     for name, g, r, tol in zip(names, got, ref, (loss_rtol[0], loss_rtol[1], grad_rtol, grad_rtol)):
         assert torch.isfinite(g).all(), f"{what} {name} not finite"
         e = rel_err(g, r)
-        assert e <= tol, f"{what} {name}: relative error {e:.3g} > {tol:.3g} (got {g.flatten()[:3]}, ref {r.flatten()[:3]})"
+        assert e <= tol, (f"{what} {name}: relative error {e:.3g} > {tol:.3g} "
+                          f"(got {g.flatten()[:3]}, ref {r.flatten()[:3]})")
 
 
 # ----------------------------------------------------------------------------- fp64 oracle, all vocabularies
@@ -175,7 +176,8 @@ def test_bf16_cuda_within_reference_error(vocab, n, bwd_mode):
 
 @pytest.mark.cuda
 def test_fp16_cuda_within_reference_error():
-    check_within_reference_error("cuda", torch.float16, 49152, 37, (0.7, 1.3), dict(tau=40.0, batch_size=2, chunk_size=16))
+    check_within_reference_error("cuda", torch.float16, 49152, 37, (0.7, 1.3),
+                                 dict(tau=40.0, batch_size=2, chunk_size=16))
 
 
 # ----------------------------------------------------------------------------- edge cases
