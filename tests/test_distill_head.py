@@ -250,7 +250,10 @@ def test_chunking_changes_nothing_but_rounding(device):
             torch.testing.assert_close(got[i], base[i], rtol=1e-5, atol=1e-5 * base[i].abs().max().item())
     again = run(distill_head, *x, up=(0.7, 1.3), chunk_size=11)
     for a, b in zip(again, base):
-        assert torch.equal(a, b), "not deterministic"
+        if device == "cpu":
+            assert torch.equal(a, b), "not deterministic"
+        else:  # the row kernel is; cuBLAS may pick another algorithm between calls
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6 * b.abs().max().item())
 
 
 def test_no_grad_and_partial_requires_grad():
