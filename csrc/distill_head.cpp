@@ -192,7 +192,8 @@ LRC_DH_INLINE RowResult<Acc> row(Acc* s, const Acc* t, int64_t V, int64_t y, Acc
 
 // The row worker is compiled twice on x86-64 (AVX2 + FMA, and baseline) and picked at
 // load time: the exp polynomial runs ~2x faster with 8 lanes and FMA.
-#if defined(__x86_64__) && defined(__GNUC__) && defined(__linux__)
+#if defined(__x86_64__) && defined(__linux__) && \
+    ((defined(__clang__) && __clang_major__ >= 14) || (!defined(__clang__) && defined(__GNUC__) && __GNUC__ >= 11))
 #define LRC_DH_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LRC_DH_CLONES
