@@ -253,10 +253,13 @@ def test_export_loads_without_lrc_ext(tmp_path):
     model.export(tmp_path / "ckpt")
     ids = torch.randint(0, VOCAB, (1, 9))
     torch.save(ids, tmp_path / "ids.pt")
+    # lrc_ext is installed wherever the tests run, so the child blocks it: any import of it
+    # (by the checkpoint's config or code) would raise, and the logits are checked after.
     code = ("import sys, torch\n"
-            "try:\n    import lrc_ext\n    sys.exit('lrc_ext importable')\nexcept ImportError:\n    pass\n"
+            "sys.modules['lrc_ext'] = None\n"
             "from transformers import AutoModelForCausalLM\n"
             "m = AutoModelForCausalLM.from_pretrained('ckpt')\n"
+            "assert not any(k.startswith('lrc_ext') and v is not None for k, v in sys.modules.items())\n"
             "torch.save(m(torch.load('ids.pt')).logits, 'logits.pt')\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, check=True, timeout=300)
