@@ -43,14 +43,14 @@ class TrainConfig:
     data_split: str = _f("train", "split of a hub dataset")
     streaming: bool = _f(False, "stream the dataset instead of loading and tokenising it all up front "
                          "(for big sets; resuming then re-reads the stream up to the saved position)")
-    eval_tokens: int = _f(8192, "tokens held out for evaluation: the first documents of the data, "
+    eval_tokens: int = _f(1024, "tokens held out for evaluation: the first documents of the data, "
                           "packed into sequences of --seq-len (never trained on)")
     # shape of a step
-    seq_len: int = _f(256, "tokens per packed sequence (documents joined with EOS)")
+    seq_len: int = _f(128, "tokens per packed sequence (documents joined with EOS)")
     micro_batch_size: int = _f(4, "sequences per forward/backward pass")
-    tokens_per_step: int = _f(4096, "tokens per optimiser step: gradients are accumulated over "
+    tokens_per_step: int = _f(512, "tokens per optimiser step: gradients are accumulated over "
                               "tokens_per_step / (micro_batch_size * seq_len) micro-batches (rounded up)")
-    max_steps: int | None = _f(None, "optimiser steps to run (default 60 unless --max-tokens is given)")
+    max_steps: int | None = _f(None, "optimiser steps to run (default 30 unless --max-tokens is given)")
     max_tokens: int | None = _f(None, "train tokens to run (alternative to --max-steps)")
     # optimiser (spec defaults: AdamW 0.9/0.999, lr 1e-4, linear schedule, 0.5% warmup, clip 1.0)
     lr: float = _f(1e-4, "peak learning rate (AdamW, betas 0.9/0.999)")
@@ -71,8 +71,8 @@ class TrainConfig:
     seed: int = _f(0, "seed for the student's initialisation and the data order")
     output_dir: str | None = _f(None, "where everything goes (default runs/lrc-YYYYmmdd-HHMMSS)")
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir (bit-exact on CPU)")
-    eval_every: int = _f(20, "evaluate on the held-out split every N steps (0: only at the end)")
-    save_every: int = _f(20, "checkpoint every N steps (0: only at the end)")
+    eval_every: int = _f(10, "evaluate on the held-out split every N steps (0: only at the end)")
+    save_every: int = _f(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints")
     log_every: int = _f(1, "write a log.jsonl line every N steps")
     prompt: str = _f("The Python for statement", "prompt for the greedy continuation printed at the end")
@@ -89,7 +89,7 @@ class TrainConfig:
     def total_steps(self) -> int:
         if self.max_tokens is not None:
             return max(1, math.ceil(self.max_tokens / self.step_tokens()))
-        return self.max_steps if self.max_steps is not None else 60
+        return self.max_steps if self.max_steps is not None else 30
 
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup * self.total_steps()) if self.warmup < 1 else int(self.warmup)

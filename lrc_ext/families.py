@@ -101,7 +101,8 @@ def causal_mask(teacher: nn.Module, embeds: torch.Tensor, attention_mask, positi
     except ImportError:  # transformers < 4.53: the model builds its own mask
         return teacher.model._update_causal_mask(attention_mask, embeds, cache_position, None, False)
     params = inspect.signature(create_causal_mask).parameters
-    kw = dict(config=teacher.config, attention_mask=attention_mask, past_key_values=None, position_ids=position_ids)
+    kw = dict(config=teacher.config, attention_mask=attention_mask, position_ids=position_ids)
+    kw["cache" if "cache" in params else "past_key_values"] = None  # renamed in 5.2x
     kw["inputs_embeds" if "inputs_embeds" in params else "input_embeds"] = embeds  # renamed in 5.0
     if "cache_position" in params:  # dropped in 5.0
         kw["cache_position"] = cache_position

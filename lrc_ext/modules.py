@@ -16,11 +16,16 @@ def resolve_op(name: str, fused: bool | None):
     fused=False: always the reference. fused=True/None: the fused op when that module defines it,
     else the reference, so the same model code runs before and after the kernels land.
     """
-    mod = importlib.import_module(f"lrc_ext.ops.{name}")
-    ref = getattr(mod, f"{name}_reference")
-    if fused is False:
-        return ref
-    return getattr(mod, name, None) or ref
+    key = (name, fused is not False)
+    op = _RESOLVED.get(key)
+    if op is None:  # import once: a plain dict lookup afterwards keeps torch.compile graphs whole
+        mod = importlib.import_module(f"lrc_ext.ops.{name}")
+        ref = getattr(mod, f"{name}_reference")
+        op = _RESOLVED[key] = ref if fused is False else (getattr(mod, name, None) or ref)
+    return op
+
+
+_RESOLVED: dict = {}
 
 
 class FusedCloneLinear(nn.Module):
