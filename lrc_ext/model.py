@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import families as fam
+from . import init as _init
 from .families import KINDS, NORMS
 from .modules import FusedCloneLinear, resolve_op
 
@@ -72,15 +73,29 @@ class LowRankClone(nn.Module):
 
     Trainable: per layer seven projections (d_T, d_S) and two RMSNorms; P_emb, P_head (tied to
     P_emb when ``tie_head``; default: when the teacher ties its embeddings) and the final norm.
+
+    ``init="normal"`` (the paper's): projections N(0, init_std), norms 1. ``init="pca"``: every
+    projection and norm set from the teacher's principal subspace over ``calibration`` token ids
+    ((B, S) tensor, or a list; optional ``calibration_attention_mask``), see lrc_ext/init.py;
+    ``init_options`` passes basis / refit / ridge / progress there. ``self.init_info`` reports it.
     """
 
     def __init__(self, teacher: nn.Module, student_hidden_size: int, *, fused: bool | None = None,
                  tau: float = 40.0, alpha: float = 0.5, use_lm: bool = True, use_kl: bool = True,
                  use_clone: bool = True, clone_kinds=tuple(KINDS), tau_squared: bool = False,
                  kl_reduction: str = "batchmean", attn_clone_space: str = "student",
-                 tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None):
+                 tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None,
+                 init: str = "normal", calibration=None, calibration_attention_mask=None,
+                 init_options: dict | None = None):
         super().__init__()
         fam.validate_teacher(teacher)
+        if init not in _init.INITS:
+            raise ValueError(f"init must be one of {list(_init.INITS)}, got {init!r}")
+        if init == "pca" and calibration is None:
+            raise ValueError("calibration: init='pca' needs calibration token ids (a (batch, seq) tensor of "
+                             "input_ids, or a list of them; a few thousand tokens)")
+        if init == "normal" and (calibration is not None or init_options):
+            raise ValueError("calibration / init_options are only used with init='pca'")
         d_t = teacher.config.hidden_size
         d_s = student_hidden_size
         if isinstance(d_s, bool) or not isinstance(d_s, int) or not 0 < d_s <= d_t:
@@ -127,6 +142,10 @@ class LowRankClone(nn.Module):
             raise RuntimeError(f"LowRankClone: student tensors do not match the stock "
                                f"{teacher.config.model_type} model: "
                                f"{sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
+        # init="pca": start inside the teacher's principal subspace (lrc_ext/init.py); report kept
+        self.init_info = {"init": "normal", "init_std": float(init_std)}
+        if init == "pca":
+            self.init_info = _init.pca_init_(self, calibration, calibration_attention_mask, **(init_options or {}))
 
     # ---- public helpers -------------------------------------------------------------------
     @property

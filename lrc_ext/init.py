@@ -1,0 +1,344 @@
+"""Data-aware initialisation of a LowRankClone: the student starts inside the teacher's principal
+subspace (``LowRankClone(..., init="pca", calibration=input_ids)``).
+
+The math (shapes as in LRC_SPEC.md; rows are tokens):
+
+* **One residual basis.** The student's residual stream is shared by every layer (the embedding,
+  every o and down projection write into it), so it gets one orthonormal basis ``U`` (d_T x d_S):
+  the student should carry ``x_S = x_T @ U``. ``U`` spans the top-d_S eigenvectors of the pooled,
+  uncentred second moment of the teacher's residual stream over the calibration tokens, taken at
+  every point a norm reads it (each layer's two norm inputs and the final norm's input).
+  ``basis="normalized"`` (default) pools the RMS-normalised stream ``x / rms(x)`` (every token and
+  every point weighs the same, the massive-activation tokens do not take over); ``"raw"`` pools
+  ``x`` itself; ``"read"`` pools what the norms hand on, ``g * x / rms(x)`` with the norm weight g.
+  ``P_emb = P_o = P_down = U`` then write ``x_T @ U`` exactly.
+* **Rotation inside the span.** Any ``U @ R`` (R orthogonal) spans the same subspace. We pick R so
+  that ``U.T @ diag(g_final) @ U`` is diagonal: then the teacher's final norm weight is a diagonal
+  in the student's coordinates and the student's final norm can carry it. With a tied head
+  (``P_head = P_emb = U``) this is what makes d_S = d_T exact; below that it is the best a diagonal
+  can do.
+* **Input side.** The teacher's linear reads ``a_T = g * x_T / rms_T``. With ``x_S = x_T @ U`` the
+  student reads ``a_S = s * x_S / rms_S``; ``P = diag(g) @ U`` gives ``a_S @ P.T = a_T`` when
+  ``s = sqrt(d_T/d_S * |x_T @ U|^2/|x_T|^2)`` (rms over d_S instead of d_T, and the captured
+  energy). ``s`` is one scalar per norm, the least-squares fit over the calibration tokens; it goes
+  into the student's norm weight.
+* **Refit** (``refit=True``, default): the student is run on the calibration tokens in lockstep with
+  the teacher, layer by layer, and every projection is refitted by ridge regression on the student's
+  *actual* inputs (so each layer also corrects the errors of the layers below it):
+  input side ``P.T = argmin |a_S @ P.T - a_T|^2`` (for any teacher weight W this also minimises
+  ``|a_S @ (W @ P).T - a_T @ W.T|``: one fit serves q, k and v, another gate and up); output side
+  ``P = argmin |(att_S @ W_o.T) @ P - o_T @ U|^2`` (down alike); untied head
+  ``P_head.T = argmin |h_S @ P_head.T - h_T|^2``; tied head: the final norm weight by least squares
+  on the logits (through ``W_head.T @ W_head``). The ridge pulls towards the analytic values above,
+  with strength ``ridge * trace(X.T X) / width``.
+
+With d_S = d_T every step is exact, so the student reproduces the teacher's logits (to rounding).
+"""
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+from torch import Tensor
+
+from . import families as fam
+from .families import KINDS
+
+INITS = ("normal", "pca")
+BASES = ("normalized", "raw", "read")
+
+
+# ---- calibration input ----------------------------------------------------------------------
+def as_batch(calibration, attention_mask=None):
+    """(input_ids (B, S) int64, attention_mask (B, S) int64 or None) from a (B, S) or (S,) tensor,
+    a list of them (right-padded into one batch), or a dict with input_ids / attention_mask."""
+    if isinstance(calibration, dict):
+        if attention_mask is None:
+            attention_mask = calibration.get("attention_mask")
+        calibration = calibration.get("input_ids")
+    if calibration is None:
+        raise ValueError("calibration: init='pca' needs calibration token ids (a (batch, seq) tensor of "
+                         "input_ids, or a list of them)")
+
+    def ids2d(name, t):
+        if not torch.is_tensor(t) or t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool \
+                or t.dim() not in (1, 2) or t.numel() == 0:
+            raise ValueError(f"{name}: expected a non-empty 1-D or 2-D integer tensor of token ids, got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
+        return t.reshape(-1, t.shape[-1]).long()
+
+    if torch.is_tensor(calibration):
+        ids = ids2d("calibration", calibration)
+        if attention_mask is None:
+            return ids, None
+        if not torch.is_tensor(attention_mask) or attention_mask.numel() != ids.numel():
+            raise ValueError(f"calibration_attention_mask: expected the shape of calibration {tuple(ids.shape)}, "
+                             f"got {tuple(getattr(attention_mask, 'shape', ()))}")
+        return ids, attention_mask.reshape(ids.shape).long()
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise ValueError(f"calibration: expected a tensor of token ids or a non-empty list of them, "
+                         f"got {type(calibration).__name__}")
+    parts = [ids2d(f"calibration[{i}]", t) for i, t in enumerate(calibration)]
+    masks = attention_mask if attention_mask is not None else [None] * len(parts)
+    if not isinstance(masks, (list, tuple)) or len(masks) != len(parts):
+        raise ValueError("calibration_attention_mask: with a list of calibration tensors, give a list of "
+                         "masks of the same length (or None)")
+    width = max(p.shape[1] for p in parts)
+    rows, mrows = [], []
+    for i, (p, m) in enumerate(zip(parts, masks)):
+        m = torch.ones_like(p) if m is None else m.reshape(p.shape).long()
+        pad = width - p.shape[1]
+        rows.append(torch.nn.functional.pad(p.cpu(), (0, pad)))
+        mrows.append(torch.nn.functional.pad(m.cpu(), (0, pad)))
+    ids, mask = torch.cat(rows), torch.cat(mrows)
+    return ids, (None if bool(mask.all()) else mask)
+
+
+def count_tokens(ids: Tensor, mask: Tensor | None) -> int:
+    return int(ids.numel() if mask is None else int(mask.sum()))
+
+
+# ---- small linear algebra ------------------------------------------------------------------
+def _ridge(X: Tensor, Y: Tensor, P0: Tensor, ridge: float) -> Tensor:
+    """argmin_P |X @ P - Y|^2 + lam |P - P0|^2, lam = ridge * trace(X.T X) / X.shape[1] (float64)."""
+    G = X.T @ X
+    lam = ridge * float(G.diagonal().mean()) if ridge > 0 else 0.0
+    lam = lam if lam > 0 else 1e-12
+    A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+    return torch.linalg.solve(A, X.T @ Y + lam * P0)
+
+
+def _scalar(Z: Tensor, Y: Tensor) -> float:
+    """argmin_s |s Z - Y|^2."""
+    zz = float((Z * Z).sum())
+    return float((Z * Y).sum()) / zz if zz > 0 else 1.0
+
+
+def _rms_normalize(x: Tensor, eps: float) -> Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+class _Lockstep:
+    """The batch layout the model's own forward uses: valid rows only, scattered back for attention."""
+
+    def __init__(self, model, ids, mask):
+        B, S = ids.shape
+        self.B, self.S = B, S
+        if mask is None or bool(mask.all()):
+            self.rows, self.pos = None, torch.arange(S, device=ids.device).expand(B, S)
+        else:
+            self.rows = mask.reshape(-1).nonzero().squeeze(1)
+            self.pos = (mask.cumsum(-1) - 1).clamp(min=0)
+
+    def pick(self, z):
+        z = z.reshape(self.B * self.S, z.shape[-1])
+        return z if self.rows is None else z.index_select(0, self.rows)
+
+    def unpick(self, z):
+        if self.rows is not None:
+            z = z.new_zeros(self.B * self.S, z.shape[-1]).index_copy(0, self.rows, z)
+        return z.view(self.B, self.S, -1)
+
+
+def _teacher_layer(tl, x_t, mask, pos, cos_sin):
+    out = tl(x_t, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
+    return out[0] if isinstance(out, tuple) else out
+
+
+# ---- the init -------------------------------------------------------------------------------
+@torch.no_grad()
+def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normalized", progress: bool = True):
+    """Pooled uncentred second moment of the teacher's residual stream over the calibration tokens
+    (float64, d_T x d_T) and its eigen-decomposition (eigenvalues descending, eigenvectors)."""
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    t, base = model.teacher, model.teacher.model
+    lk = _Lockstep(model, ids, mask)
+    d_t = t.config.hidden_size
+    G = torch.zeros(d_t, d_t, dtype=torch.float64, device=ids.device)
+
+    def add(x, norm):
+        x = lk.pick(x).double()
+        if basis != "raw":
+            x = _rms_normalize(x, 0.0)
+        if basis == "read":
+            x = x * norm.weight.detach().double()
+        G.add_(x.T @ x)
+
+    hooks = []
+    for tl in base.layers:
+        for n in fam.NORMS:
+            norm = getattr(tl, n)
+            hooks.append(norm.register_forward_pre_hook(lambda m, a, norm=norm: add(a[0], norm)))
+    bar = _bar(len(base.layers), "pca init: teacher stream", progress)
+    try:
+        x_t = base.embed_tokens(ids)
+        fmask = fam.causal_mask(t, x_t, mask, lk.pos)
+        cos_sin = base.rotary_emb(x_t, lk.pos)
+        for tl in base.layers:
+            x_t = _teacher_layer(tl, x_t, fmask, lk.pos, cos_sin)
+            bar.update(1)
+        add(x_t, base.norm)
+    finally:
+        for h in hooks:
+            h.remove()
+        bar.close()
+    evals, evecs = torch.linalg.eigh(G)
+    return evals.flip(0), evecs.flip(1)
+
+
+def _bar(total, desc, progress):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=False,
+                dynamic_ncols=True, mininterval=0.5)
+
+
+@torch.no_grad()
+def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normalized", refit: bool = True,
+              ridge: float = 1e-2, progress: bool = True, eigen=None) -> dict:
+    """Set every projection and student norm of ``model`` (a LowRankClone) from calibration tokens.
+
+    Returns a report: tokens, seconds, the energy fraction the basis captures, the options.
+    ``eigen``: a precomputed ``residual_basis`` result for the same tokens and basis (benchmarks)."""
+    t0 = time.perf_counter()
+    if basis not in BASES:
+        raise ValueError(f"init_options: basis must be one of {BASES}, got {basis!r}")
+    if not (isinstance(ridge, (int, float)) and ridge >= 0):
+        raise ValueError(f"init_options: ridge must be a number >= 0, got {ridge!r}")
+    ids, mask = as_batch(calibration, attention_mask)
+    ids, mask, _ = model._check_inputs(ids, mask, None)
+    d_t, d_s = model.teacher.config.hidden_size, model.student_hidden_size
+    n_tok = count_tokens(ids, mask)
+    if n_tok < d_s:
+        raise ValueError(f"calibration: {n_tok} tokens are too few for init='pca' at student_hidden_size={d_s}: "
+                         f"the principal subspace needs at least as many tokens as the width (a few thousand "
+                         f"recommended)")
+
+    t, base = model.teacher, model.teacher.model
+    dev = ids.device
+    f64 = dict(dtype=torch.float64, device=dev)
+    evals, evecs = eigen if eigen is not None else residual_basis(model, ids, mask, basis, progress)
+    energy = float(evals[:d_s].clamp(min=0).sum() / evals.clamp(min=0).sum().clamp(min=1e-300))
+    U = evecs[:, :d_s].to(**f64)
+    g_f = base.norm.weight.detach().double()
+    lam, R = torch.linalg.eigh(U.T @ (g_f[:, None] * U))  # rotate inside the span: diag(g_f) is diagonal
+    U = U @ R
+
+    def set_(p, v):
+        p.copy_(v.to(p.dtype))
+
+    set_(model.p_emb, U)
+    lk = _Lockstep(model, ids, mask)
+    pick = lk.pick
+    cap: dict = {}
+    hooks = []
+    rep_fit = {"in": [], "out": []}
+
+    def norm_scale(snorm, tnorm, x_s, target):
+        # student norm weight s (scalar): s * rms-normalised x_S @ U.T * g  ~  a_T
+        z = _rms_normalize(x_s.double(), snorm.variance_epsilon) @ U.T * tnorm.weight.detach().double()
+        set_(snorm.weight, torch.full((d_s,), _scalar(z, target), **f64))
+
+    def fit_in(sl, kinds, tnorm, a_s, a_t):
+        P0T = U.T * tnorm.weight.detach().double()  # (diag(g) @ U).T
+        PT = _ridge(a_s.double(), a_t, P0T, ridge) if refit else P0T
+        for k in kinds:
+            set_(getattr(sl, k).proj, PT.T)
+        if refit:
+            rep_fit["in"].append(_rel_err(a_s.double() @ PT, a_t))
+
+    def fit_out(lin, inp, target):
+        X = inp.double() @ lin.teacher.weight.detach().double().T  # (N, d_T): the teacher's W on the student input
+        Y = target @ U
+        P = _ridge(X, Y, U, ridge) if refit else U
+        set_(lin.proj, P)
+        if refit:
+            rep_fit["out"].append(_rel_err(X @ P, Y))
+
+    layers = list(zip(model.layers, base.layers))
+    bar = _bar(len(layers), f"pca init: {'refit' if refit else 'set'} layers", progress)
+    try:
+        x_t = base.embed_tokens(ids)
+        fmask = fam.causal_mask(t, x_t, mask, lk.pos)
+        cos_sin = base.rotary_emb(x_t, lk.pos)
+        x_s = pick(x_t) @ model.p_emb
+        for sl, tl in layers:
+            # teacher: what its linears read and write in this layer
+            th = [tl.get_submodule(KINDS["q"][0]).register_forward_pre_hook(
+                      lambda m, a: cap.__setitem__("a_t", pick(a[0]).double())),
+                  tl.get_submodule(KINDS["gate"][0]).register_forward_pre_hook(
+                      lambda m, a: cap.__setitem__("b_t", pick(a[0]).double())),
+                  tl.get_submodule(KINDS["o"][0]).register_forward_hook(
+                      lambda m, a, o: cap.__setitem__("o_t", pick(o).double())),
+                  tl.get_submodule(KINDS["down"][0]).register_forward_hook(
+                      lambda m, a, o: cap.__setitem__("dn_t", pick(o).double()))]
+            try:
+                x_t = _teacher_layer(tl, x_t, fmask, lk.pos, cos_sin)
+            finally:
+                for h in th:
+                    h.remove()
+            # student: each projection fitted from its actual input just before it is used
+            done = set()
+
+            def pre(kind):
+                def hook(m, args):
+                    a = args[0]
+                    if kind in ("q", "k", "v"):
+                        if "qkv" not in done:
+                            done.add("qkv")
+                            fit_in(sl, ("q", "k", "v"), tl.input_layernorm, a, cap["a_t"])
+                    elif kind in ("gate", "up"):
+                        if "gu" not in done:
+                            done.add("gu")
+                            fit_in(sl, ("gate", "up"), tl.post_attention_layernorm, a, cap["b_t"])
+                    elif kind == "o":
+                        fit_out(m, a, cap["o_t"])
+                    else:
+                        fit_out(m, a, cap["dn_t"])
+                return hook
+
+            sh = [getattr(sl, k).register_forward_pre_hook(pre(k)) for k in KINDS]
+            sh.append(sl.input_layernorm.register_forward_pre_hook(
+                lambda m, a, tl=tl: norm_scale(m, tl.input_layernorm, a[0], cap["a_t"])))
+            sh.append(sl.post_attention_layernorm.register_forward_pre_hook(
+                lambda m, a, tl=tl: norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])))
+            try:
+                x_s = model._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, None, {}, pick, lk.unpick,
+                                           (lk.B, lk.S), fmask, cos_sin, lk.pos)
+            finally:
+                for h in sh:
+                    h.remove()
+            cap.clear()
+            bar.update(1)
+        # final norm and head
+        h_t = base.norm(pick(x_t)).double()
+        n_s = _rms_normalize(x_s.double(), model.norm.variance_epsilon)
+        if model.p_head is None:  # tied: P_head = P_emb = U; the final norm weight by least squares on logits
+            W = t.get_output_embeddings().weight.detach().double()
+            CU = (W.T @ (W @ U))  # (d_T, d_S) = W.T W U
+            Gs = (n_s.T @ n_s) * (U.T @ CU)
+            b = ((h_t @ CU) * n_s).sum(0)
+            s0 = lam.to(**f64) * _scalar(n_s * lam.to(**f64) @ U.T, h_t)
+            lam_r = max(ridge * float(Gs.diagonal().mean()), 1e-12)
+            s_f = torch.linalg.solve(Gs + lam_r * torch.eye(d_s, **f64), b + lam_r * s0)
+            set_(model.norm.weight, s_f)
+        else:
+            s = _scalar(n_s @ U.T * g_f, h_t)
+            set_(model.norm.weight, torch.full((d_s,), s, **f64))
+            P0T = U.T * g_f
+            PT = _ridge(n_s * s, h_t, P0T, ridge) if refit else P0T
+            set_(model.p_head, PT.T)
+    finally:
+        bar.close()
+    out = {"init": "pca", "tokens": n_tok, "sequences": int(ids.shape[0]), "seconds": time.perf_counter() - t0,
+           "energy_fraction": energy, "basis": basis, "refit": bool(refit), "ridge": float(ridge),
+           "tied_head": model.p_head is None}
+    if refit:
+        out["fit_rel_err_in"] = float(sum(rep_fit["in"]) / max(1, len(rep_fit["in"])))
+        out["fit_rel_err_out"] = float(sum(rep_fit["out"]) / max(1, len(rep_fit["out"])))
+    return out
+
+
+def _rel_err(a: Tensor, b: Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-300))
