@@ -48,6 +48,12 @@ class StudentLayer(nn.Module):
         for n in NORMS:
             setattr(self, n, _student_norm(getattr(t_layer, n), d_s))
 
+    def forward(self, step, *args):
+        """``step(*args)``: one lockstep layer (the teacher's layer, then this one), run as this
+        module's call so that module hooks frame the pair; under FSDP2 they gather and free the
+        pair's weights, the teacher layer's included (lrc_ext/distributed.py). Nothing else."""
+        return step(*args)
+
 
 def _student_norm(t_norm: nn.Module, d_s: int) -> nn.Module:
     # The family's own RMSNorm class, same eps, width d_S, weight 1.
@@ -247,7 +253,8 @@ class LowRankClone(nn.Module):
         x_t = e_t
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
-        for sl, tl in zip(self.layers, base.layers):
+
+        def lockstep(sl, tl, x_s, x_t):  # the teacher's layer (no grad, targets captured), then the student's
             tgt = None
             if need_teacher:
                 with torch.no_grad(), _capture(tl, self.clone_kinds) as tgt:
@@ -255,6 +262,10 @@ class LowRankClone(nn.Module):
                 x_t = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
             x_s = self._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, tgt, clone, pick, unpick,
                                       (B, S), mask, cos_sin, pos)
+            return x_s, x_t
+
+        for sl, tl in zip(self.layers, base.layers):
+            x_s, x_t = sl(lockstep, sl, tl, x_s, x_t)  # through sl's call: see StudentLayer.forward
 
         zero = torch.zeros((), dtype=torch.float32, device=x_s.device)
         lm = kl = zero
