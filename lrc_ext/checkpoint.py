@@ -68,6 +68,8 @@ def optimizer_state(opt: torch.optim.Optimizer, names: list[str]) -> tuple[dict,
     for idx, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
+                if hasattr(v, "full_tensor"):  # a DTensor shard (FSDP2): gathered, a collective on every rank
+                    v = v.full_tensor()
                 tensors[f"{names[idx]}/{k}"] = v.detach().cpu().contiguous()
             else:
                 scalars[f"{names[idx]}/{k}"] = v

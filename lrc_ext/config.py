@@ -68,6 +68,12 @@ class TrainConfig:
     # runtime
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = _f("auto", "compute dtype: auto (bf16 autocast on GPU, float32 on CPU), float32, bfloat16")
+    parallel: str = _f("auto", "data parallelism over the ranks torchrun starts: auto (ddp when launched by "
+                       "torchrun with WORLD_SIZE > 1, else none), none, ddp, or fsdp (FSDP2: shards the frozen "
+                       "teacher as well as the student). --micro-batch-size is then the global micro-batch, split "
+                       "evenly over the ranks")
+    dist_timeout: float = _f(600.0, "seconds a collective waits for the other ranks before the job fails "
+                             "(a rank that died or hangs)")
     seed: int = _f(0, "seed for the student's initialisation and the data order")
     output_dir: str | None = _f(None, "where everything goes (default runs/lrc-YYYYmmdd-HHMMSS)")
     resume: bool = _f(False, "continue from the latest checkpoint in --output-dir (bit-exact on CPU)")
@@ -228,6 +234,9 @@ def validate(cfg: TrainConfig):
          f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),
          f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
+    need(cfg.parallel in ("auto", "none", "ddp", "fsdp"),
+         f"--parallel must be auto, none, ddp or fsdp, got {cfg.parallel!r}")
+    need(math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0, f"--dist-timeout must be > 0, got {cfg.dist_timeout}")
     for k in ("eval_every", "save_every", "gen_tokens"):
         need(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
     need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")

@@ -11,13 +11,19 @@ The output directory holds config.yaml, log.jsonl, loss.png, checkpoints/, stude
 tensorboard/ when TensorBoard is installed). Exit codes: 0 done; 2 bad config, missing
 file, empty data or unsupported teacher (one line on stderr); 3 non-finite loss (step and
 term named; no checkpoint of the bad step); 130 interrupted (Ctrl-C / SIGTERM: the last
-finished step is checkpointed first, so `--resume` continues from it).
+finished step is checkpointed first, so `--resume` continues from it); 4 another rank of a
+torchrun job died or stopped answering (see lrc_ext/distributed.py).
+
+Under torchrun (`torchrun --nproc-per-node N -m lrc_ext.train --parallel ddp|fsdp ...`) every
+rank runs this same loop on its slice of each micro-batch; rank 0 alone prints, logs, plots,
+writes checkpoints and exports (lrc_ext/distributed.py).
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -26,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config
+from . import checkpoint, config, distributed
 from .config import ConfigError, TrainConfig
 
 PROG = "lrc_ext.train"
@@ -36,7 +42,12 @@ class NonFiniteLoss(Exception):
     pass
 
 
+_MAIN = True  # rank 0, or the only process: the one that prints
+
+
 def say(msg: str = ""):
+    if not _MAIN:
+        return
     from tqdm import tqdm
     tqdm.write(msg, file=sys.stdout)
     sys.stdout.flush()
@@ -67,6 +78,11 @@ def resolve_device(cfg: TrainConfig):
     name = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"--device {cfg.device}: no CUDA GPU is visible to torch")
+    if name.startswith("cuda") and "LOCAL_RANK" in os.environ:  # under torchrun: one GPU a rank
+        if name != "cuda" and distributed.env_world() > 1:
+            raise ConfigError(f"--device {cfg.device}: under torchrun each rank uses cuda:LOCAL_RANK; "
+                              f"give --device cuda (or auto)")
+        name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
     dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
@@ -111,32 +127,49 @@ class StopFlag:
             signal.signal(s, h)
 
 
+def _eval_chunks(held_out: torch.Tensor, cfg: TrainConfig, par):
+    """(rows, weight) of each held-out micro-batch for this rank: its slice of every global
+    micro-batch (every rank runs the same number of forwards; an empty slice runs one row with
+    weight 0). Every loss term is a per-sequence sum, so the weighted sums add up over ranks."""
+    for i in range(0, held_out.shape[0], cfg.micro_batch_size):
+        x = held_out[i:i + cfg.micro_batch_size]
+        if par.world > 1:
+            per = -(-x.shape[0] // par.world)
+            mine = x[par.rank * per:(par.rank + 1) * per]
+            x, w = (mine, mine.shape[0]) if mine.shape[0] else (x[:1], 0)
+        else:
+            w = x.shape[0]
+        yield x, w
+
+
 @torch.no_grad()
-def evaluate(model, held_out: torch.Tensor, cfg: TrainConfig, device, amp) -> dict:
+def evaluate(model, held_out: torch.Tensor, cfg: TrainConfig, device, amp, par) -> dict:
     """Held-out student CE, KL to the teacher (the training term: tau, batchmean) and clone loss."""
     model.eval()
-    sums, n = {}, 0
-    for i in range(0, held_out.shape[0], cfg.micro_batch_size):
-        x = held_out[i:i + cfg.micro_batch_size].to(device)
+    sums = {}
+    for x, w in _eval_chunks(held_out, cfg, par):
         with amp:
-            out = model(x)
+            out = model(x.to(device))
         vals = {"eval_loss": out.loss, "eval_lm": out.lm, "eval_kl": out.kl, "eval_clone": sum(out.clone.values())}
         for k, v in zip(vals, torch.stack([v.float() for v in vals.values()]).tolist()):
-            sums[k] = sums.get(k, 0.0) + v * x.shape[0]
-        n += x.shape[0]
+            sums[k] = sums.get(k, 0.0) + v * w
     model.train()
-    return {k: v / n for k, v in sums.items()}
+    if par.world > 1:
+        sums = dict(zip(sums, par.all_sum(torch.tensor(list(sums.values()), dtype=torch.float64)).tolist()))
+    return {k: v / held_out.shape[0] for k, v in sums.items()}
 
 
 @torch.no_grad()
-def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp) -> float:
+def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp, par) -> float:
     """The teacher's own next-token CE on the held-out text (the floor the student aims at)."""
     total = 0.0
-    for i in range(0, held_out.shape[0], cfg.micro_batch_size):
-        x = held_out[i:i + cfg.micro_batch_size].to(device)
-        with amp:
+    for x, w in _eval_chunks(held_out, cfg, par):
+        x = x.to(device)
+        with amp, par.teacher_alone():
             logits = teacher(x).logits.float()
-        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * x.shape[0]
+        total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * w
+    if par.world > 1:
+        total = par.all_sum(torch.tensor([total], dtype=torch.float64)).item()
     return total / held_out.shape[0]
 
 
@@ -159,6 +192,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not distributed.is_collective_failure(e):
+            raise
+        print(f"{PROG}: error: {distributed.describe_failure(e)}", file=sys.stderr)
+        return 4
+    finally:
+        distributed.shutdown()
 
 
 def train(argv=None) -> int:
@@ -176,8 +216,19 @@ def train(argv=None) -> int:
         raise ConfigError(f"{out} already holds a run ({checkpoint.latest(ckpt_root).name}); pass --resume to "
                           f"continue it, or choose another --output-dir")
     cfg.output_dir = str(out)
+    mode, world = distributed.resolve_mode(cfg.parallel), distributed.env_world()
+    if world > 1 and mode == "none":
+        raise ConfigError(f"--parallel none under torchrun with WORLD_SIZE={world}: every rank would train alone; "
+                          f"use --parallel ddp or fsdp")
+    if mode != "none" and cfg.micro_batch_size % world:
+        raise ConfigError(f"--micro-batch-size {cfg.micro_batch_size} is the global micro-batch: it must split "
+                          f"evenly over the {world} ranks")
     device, dtype, amp = resolve_device(cfg)
     total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
+    par = distributed.Parallel(mode)
+    par.init(device.type, cfg.dist_timeout)
+    global _MAIN
+    _MAIN = par.is_main
 
     # ---- teacher, data, student --------------------------------------------------------------
     from transformers.utils import logging as hf_logging
@@ -189,19 +240,28 @@ def train(argv=None) -> int:
     hf_logging.disable_progress_bar()
     t_start = time.time()
     say(f"lrc_ext.train -> {out}")
-    teacher, tok, src = teacher_mod.load(cfg.teacher)
+    with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
+        teacher, tok, src = teacher_mod.load(cfg.teacher)
+        data = data_mod.build(cfg, tok)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
-    data = data_mod.build(cfg, tok)
     say(f"data     {cfg.data}: {data.describe()}")
-    model = build_model(cfg, teacher, tok).to(device)
+    model = build_model(cfg, teacher, tok)
+    # net: what the loop calls (DDP wrapper, or the FSDP2-sharded model itself); model: the LowRankClone
+    net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     names, params = [n for n, _ in named], [p for _, p in named]
     say(f"student  d={cfg.student_hidden_size}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
         f"parameters ({'reference' if cfg.reference else 'fused where available'} path)")
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
         f"{total * step_tokens:,} tokens on {device} ({dtype}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
+    if par.active:
+        b = distributed.param_bytes(model)
+        say(f"parallel {mode} over {par.world} rank{'s' if par.world > 1 else ''} ({par.backend}), "
+            f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
+            f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
+            f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
 
     # ---- resume ------------------------------------------------------------------------------
@@ -209,62 +269,98 @@ def train(argv=None) -> int:
     log_path = out / "log.jsonl"
     if resume_from is not None:
         p_sd, o_sd, st = checkpoint.load(resume_from)
-        model.load_trainable_state_dict({k: v.to(device) for k, v in p_sd.items()})
+        by_name = dict(named)  # full tensors in; each rank keeps its shard under FSDP
+        model.load_trainable_state_dict({k: par.shard_like(v.to(device), by_name[k]) if k in by_name else v
+                                         for k, v in p_sd.items()})
+        o_sd = {k: par.shard_like(v, by_name[k.rsplit("/", 1)[0]]) if k.rsplit("/", 1)[0] in by_name else v
+                for k, v in o_sd.items()}
         checkpoint.load_optimizer_state(opt, names, o_sd, st["optimizer"])
         checkpoint.set_rng_state(st["rng"])
         step, tokens, pos, elapsed = st["step"], st["tokens"], st["data_pos"], st["elapsed_s"]
-        kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
-                if _logged_step(ln) <= step]  # drop steps logged after the checkpoint
-        log_path.write_text("".join(ln + "\n" for ln in kept))
+        if par.is_main:
+            kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
+                    if _logged_step(ln) <= step]  # drop steps logged after the checkpoint
+            log_path.write_text("".join(ln + "\n" for ln in kept))
         say(f"resumed  from {resume_from} (step {step}, {tokens:,} tokens)")
-    else:
+    elif par.is_main:
         out.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
-    config.save_yaml(cfg, out / "config.yaml")
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-        tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
-    except ImportError:
-        tb = None
+    tb = None
+    if par.is_main:
+        config.save_yaml(cfg, out / "config.yaml")
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+        except ImportError:
+            pass
 
     def save(step):
+        # every rank gathers (collectives under FSDP); rank 0 writes
+        full = {n: par.full(p) for n, p in zip(names, params)}
         o_t, o_meta = checkpoint.optimizer_state(opt, names)
+        if not par.is_main:
+            return None
         state = {"step": step, "tokens": tokens, "data_pos": pos, "elapsed_s": elapsed,
                  "config": cfg.to_dict(), "optimizer": o_meta}
-        return checkpoint.save(ckpt_root, step, dict(zip(names, params)), o_t, state, cfg.keep_checkpoints)
+        return checkpoint.save(ckpt_root, step, full, o_t, state, cfg.keep_checkpoints)
 
     # ---- the loop ----------------------------------------------------------------------------
     from tqdm import tqdm
-    model.train()
+    net.train()
     t_ce = None  # the teacher's held-out CE, computed at the first evaluation
     stop = StopFlag()
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5)
-    log = open(log_path, "a")
+    halt = None  # the stop reason all ranks agree on (stop.reason itself under no parallelism)
+    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
+               disable=not par.is_main)
+    log = open(log_path, "a") if par.is_main else None
+    off, rows = par.local_rows(cfg.micro_batch_size)  # this rank's slice of every micro-batch
+
+    def check_finite(vals, micro):
+        if not math.isfinite(vals["loss"]):
+            bad = next((k for k, v in vals.items() if k != "loss" and not math.isfinite(v)), "loss")
+            last = checkpoint.latest(ckpt_root)
+            raise NonFiniteLoss(
+                f"non-finite loss at step {step + 1} (micro-batch {micro + 1}/{accum}): {bad} = {vals[bad]}; "
+                f"stopped without checkpointing it (last good checkpoint: {last or 'none'})")
+
     try:
-        while step < total and stop.reason is None:
+        while step < total and halt is None:
+            par.kill_hook(step + 1)  # test-only fault injection (LRC_TEST_KILL_RANK_AT_STEP)
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in opt.param_groups:
                 g["lr"] = lr
             sums: dict = {}
+            per_micro = []
             for micro in range(accum):
-                x = data.batch(pos, cfg.micro_batch_size).to(device)
+                x = data.batch(pos + off, rows).to(device)
                 pos += cfg.micro_batch_size
-                with amp:
-                    out_ = model(x)
-                terms = {"loss": out_.loss, "lm": out_.lm, "kl": out_.kl,
-                         **{f"clone_{k}": v for k, v in out_.clone.items()}}
-                vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-                if not math.isfinite(vals["loss"]):
-                    bad = next((k for k, v in vals.items() if k != "loss" and not math.isfinite(v)), "loss")
-                    last = checkpoint.latest(ckpt_root)
-                    raise NonFiniteLoss(
-                        f"non-finite loss at step {step + 1} (micro-batch {micro + 1}/{accum}): {bad} = {vals[bad]}; "
-                        f"stopped without checkpointing it (last good checkpoint: {last or 'none'})")
-                (out_.loss / accum).backward()
+                with par.accumulate(last=micro == accum - 1):  # gradients sync on the last micro-batch only
+                    with amp:
+                        out_ = net(x)
+                    terms = {"loss": out_.loss, "lm": out_.lm, "kl": out_.kl,
+                             **{f"clone_{k}": v for k, v in out_.clone.items()}}
+                    vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+                    if not par.active:
+                        check_finite(vals, micro)
+                    (out_.loss / accum).backward()
+                per_micro.append(vals)
+            if par.active:  # average the terms over ranks (one collective a step), agree on stopping
+                keys = list(per_micro[0])
+                flat = torch.tensor([[v[k] for k in keys] for v in per_micro] + [[float(stop.reason is not None)]
+                                                                                 * len(keys)], dtype=torch.float64)
+                flat = par.all_sum(flat)
+                if flat[-1, 0] > 0:
+                    halt = stop.reason or "a signal to another rank"
+                per_micro = [dict(zip(keys, (row / par.world).tolist())) for row in flat[:-1]]
+                for micro, vals in enumerate(per_micro):
+                    check_finite(vals, micro)
+            else:
+                halt = stop.reason
+            for vals in per_micro:
                 for k, v in vals.items():
                     sums[k] = sums.get(k, 0.0) + v / accum
-            gnorm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf).item()
+            gnorm = par.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
             if not math.isfinite(gnorm):
                 raise NonFiniteLoss(f"non-finite gradient norm at step {step + 1} ({gnorm}); stopped without "
                                     f"checkpointing it (last good checkpoint: {checkpoint.latest(ckpt_root) or 'none'})")
@@ -282,35 +378,50 @@ def train(argv=None) -> int:
             last_step = step == total
             if data.eval.shape[0] and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
                 if t_ce is None:
-                    t_ce = teacher_ce(teacher, data.eval, cfg, device, amp)
-                rec.update(evaluate(model, data.eval, cfg, device, amp), teacher_lm=t_ce)
+                    t_ce = teacher_ce(teacher, data.eval, cfg, device, amp, par)
+                rec.update(evaluate(model, data.eval, cfg, device, amp, par), teacher_lm=t_ce)
                 say(f"eval @ step {step}: student CE {rec['eval_lm']:.4f} (teacher {rec['teacher_lm']:.4f}), "
                     f"KL {rec['eval_kl']:.4f}, clone {rec['eval_clone']:.4f}")
-            if step % cfg.log_every == 0 or "eval_lm" in rec or last_step:
+            if par.is_main and (step % cfg.log_every == 0 or "eval_lm" in rec or last_step):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
                 if tb is not None:
                     for k, v in rec.items():
                         if k != "step":
                             tb.add_scalar(k, v, step)
-            if "eval_lm" in rec:
+            if par.is_main and "eval_lm" in rec:
                 plot.plot(log_path, out / "loss.png")
-            if (cfg.save_every and step % cfg.save_every == 0) or last_step or stop.reason:
+            if (cfg.save_every and step % cfg.save_every == 0) or last_step or halt:
                 save(step)
             bar.set_postfix(loss=f"{rec['loss']:.4g}", tok_s=f"{rec['tok_per_s']:.0f}", refresh=False)
             bar.update(1)
     finally:
         bar.close()
-        log.close()
+        if log is not None:
+            log.close()
         stop.restore()
         if tb is not None:
             tb.close()
-    if stop.reason:
-        say(f"stopped by {stop.reason} after step {step}; checkpoint {checkpoint.latest(ckpt_root)}; continue with "
-            f"`python -m {PROG} --output-dir {out} --resume`")
+    if halt:
+        resume_cmd = "torchrun ... -m" if par.world > 1 else "python -m"
+        say(f"stopped by {halt} after step {step}; checkpoint {checkpoint.latest(ckpt_root)}; continue with "
+            f"`{resume_cmd} {PROG} --output-dir {out} --resume`")
         return 130
-    if step and checkpoint.latest(ckpt_root) is None:
+    if step and par.all_sum(torch.tensor([float(par.is_main and checkpoint.latest(ckpt_root) is None)])).item():
         save(step)
+    if device.type == "cuda":
+        peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
+        say(f"memory   peak GPU memory allocated a rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+    if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
+        full = {n: par.full(p) for n, p in zip(names, params)}
+        del net, opt, params, named
+        if par.is_main:
+            teacher, _, _ = teacher_mod.load(cfg.teacher)
+            model = build_model(cfg, teacher, tok)
+            model.load_trainable_state_dict(full)
+            model = model.to(device)
+    if not par.is_main:
+        return 0
     plot.plot(log_path, out / "loss.png")
 
     # ---- export, reload with stock transformers, compare, generate ---------------------------

@@ -1,0 +1,281 @@
+"""Data parallelism for the trainer on PyTorch's own engines: torchrun, DDP and FSDP2.
+
+    torchrun --standalone --nproc-per-node 8 -m lrc_ext.train --parallel fsdp ...
+
+``--parallel auto`` (the default) is ``ddp`` when launched by torchrun with WORLD_SIZE > 1 and
+``none`` otherwise; ``ddp`` / ``fsdp`` without torchrun run a world of one. The process group
+uses NCCL on CUDA (each rank on ``cuda:LOCAL_RANK``) and gloo on the CPU, with ``--dist-timeout``
+seconds for any collective, so a rank that dies or hangs ends the job instead of hanging it.
+
+Batches. ``--micro-batch-size`` is the *global* micro-batch: every rank takes its contiguous
+``micro_batch_size / world`` rows of it, so the sequences of a step, the data position and
+hence checkpoints are the same at any world size, and a run on N ranks computes what one rank
+would (the loss terms are means over equally sized slices, and DDP / FSDP average gradients).
+Gradients are synchronised on the last micro-batch of a step only (DDP ``no_sync()``, FSDP2
+``set_requires_gradient_sync(False)``). The logged loss terms are averaged over ranks.
+
+DDP replicates the whole LowRankClone (frozen teacher included) on every rank; only the
+trainable parameters (projections, student norms) have gradients and buckets.
+``find_unused_parameters`` is needed only when neither the CE nor the KL term runs (the
+student's final norm then gets no gradient); buffers are identical on every rank and not
+broadcast.
+
+FSDP2 (``fully_shard``) shards the frozen teacher as well as the student, because at 7B the
+teacher's weights dominate memory. The lockstep forward needs the *full* teacher weight
+``W_T`` of layer i for the student weights ``W_T @ P`` of layer i, in the forward and again in
+the backward (``grad_P = W_T.T @ grad_W_S``). The design: one FSDP group per layer *pair*,
+``fully_shard([student_layer_i, teacher_layer_i])``, and LowRankClone runs each lockstep
+layer (the teacher's layer, then the student's) through the student layer's module call
+(``StudentLayer.forward``). So FSDP2's own hooks do the gathering and freeing:
+
+* forward: the pair's pre-forward hook all-gathers P_i and W_T,i in one collective; the
+  teacher layer and the student layer run; the post-forward hook (after the student layer,
+  the group's last module) frees both unsharded copies again;
+* backward: the pre-backward hook on the student layer's output re-gathers the pair before
+  any of layer i's backward runs (the clone-linear ops saved W_T,i: FSDP2 refills the same
+  storage, so the saved tensor is valid again); once the gradient reaches the layer's input
+  the post-backward hook frees the pair and reduce-scatters grad P_i (the teacher has none).
+
+At any time one pair is unsharded (plus FSDP2's prefetch of the next one), and the root group
+(student P_emb / P_head / final norm, the teacher's embedding, final norm and LM head, which
+the distillation head needs in the backward too) stays unsharded through a step, as FSDP2
+does for roots. Parameter memory per rank: (teacher + student) / world + one layer pair +
+the root group. ``param_bytes`` reports the sharded and unsharded sizes; tests/
+test_distributed.py checks that during layer i's forward and backward no other layer is
+gathered. A teacher-only forward (the teacher's held-out CE) uses ``teacher_alone``: each
+decoder layer is freed right after its own forward.
+
+Checkpoints stay in the trainer's safetensors format: trainable parameters and AdamW state are
+gathered to full tensors (``DTensor.full_tensor``) and written by rank 0, and on load each
+rank takes its shard (``distribute_tensor``), so a run saved on N ranks resumes on M ranks,
+with or without FSDP. Logging, plots, evaluation printing and export happen on rank 0; the
+held-out evaluation is split over the ranks and summed.
+
+Testing hook (test-only): ``LRC_TEST_KILL_RANK_AT_STEP=RANK:STEP`` makes rank RANK SIGKILL itself
+as step STEP starts; the job must then fail with a clear message, not hang.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+MODES = ("auto", "none", "ddp", "fsdp")
+
+
+def env_world() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def resolve_mode(mode: str) -> str:
+    return ("ddp" if env_world() > 1 else "none") if mode == "auto" else mode
+
+
+class Parallel:
+    """The run's parallel layout: mode, rank, world, device, and the wrapped model."""
+
+    def __init__(self, mode: str = "none"):
+        self.mode = mode
+        self.rank, self.world, self.local_rank = 0, 1, 0
+        self.model = None      # what the loop calls (DDP / FSDP module or the LowRankClone)
+        self.inner = None      # the LowRankClone itself
+
+    # ---- process group ----------------------------------------------------------------------
+    @property
+    def active(self) -> bool:
+        return self.mode != "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def init(self, device_type: str, timeout_s: float):
+        """Join the process group (torchrun's env:// rendezvous, or a world of one)."""
+        if not self.active:
+            return
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        kw = dict(backend=backend, timeout=timedelta(seconds=timeout_s))
+        if "RANK" in os.environ and "MASTER_ADDR" in os.environ:
+            self.rank, self.world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+            self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if device_type == "cuda":
+                torch.cuda.set_device(self.local_rank)
+                kw["device_id"] = torch.device("cuda", self.local_rank)
+            dist.init_process_group(**kw)
+        else:  # --parallel ddp/fsdp without torchrun: a world of one
+            if device_type == "cuda":
+                kw["device_id"] = torch.device("cuda", torch.cuda.current_device())
+            dist.init_process_group(store=dist.HashStore(), rank=0, world_size=1, **kw)
+
+    @property
+    def backend(self) -> str:
+        return dist.get_backend() if self.active and dist.is_initialized() else "none"
+
+    def barrier(self):
+        if self.active:
+            dist.barrier()
+
+    @contextlib.contextmanager
+    def main_first(self):
+        """Rank 0 first (downloads, dataset caches), then the others."""
+        if self.active and not self.is_main:
+            dist.barrier()
+        yield
+        if self.active and self.is_main:
+            dist.barrier()
+
+    # ---- wrapping ---------------------------------------------------------------------------
+    def wrap(self, model: nn.Module, device: torch.device, find_unused: bool) -> nn.Module:
+        """DDP or FSDP2 around the LowRankClone (built on the CPU for FSDP: fully_shard moves only
+        the shards to the device); returns the module the loop calls."""
+        self.inner = model
+        if self.mode == "ddp":
+            from torch.nn.parallel import DistributedDataParallel as DDP
+            model = model.to(device)
+            ids = [device.index] if device.type == "cuda" else None
+            # buffers (RoPE tables) are the same on every rank: no per-forward broadcast
+            import inspect
+            no_sync_buffers = ({"forward_sync_buffers": False} if "forward_sync_buffers" in
+                               inspect.signature(DDP).parameters else {"broadcast_buffers": False})
+            self.model = DDP(model, device_ids=ids, find_unused_parameters=find_unused, **no_sync_buffers)
+        elif self.mode == "fsdp":
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
+            mesh = init_device_mesh(device.type, (self.world,))
+            for sl, tl in zip(model.layers, model.teacher.model.layers):
+                fully_shard([sl, tl], mesh=mesh)  # one group per lockstep pair: see the module docstring
+            fully_shard(model, mesh=mesh)          # root: embeddings, head, final norms
+            self.model = model
+        else:
+            self.model = model.to(device)
+        return self.model
+
+    # ---- the step ---------------------------------------------------------------------------
+    def accumulate(self, last: bool):
+        """Context for one micro-batch's forward + backward: gradients sync on the last only."""
+        if self.mode == "ddp" and not last:
+            return self.model.no_sync()
+        if self.mode == "fsdp":
+            self.model.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+
+    def local_rows(self, n: int) -> tuple[int, int]:
+        """(offset, count) of this rank's slice of a global micro-batch of n sequences."""
+        per = n // self.world
+        return self.rank * per, per
+
+    def clip_grad_norm_(self, params, max_norm: float) -> float:
+        if self.mode != "fsdp":
+            return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+        grads = [p.grad for p in params if p.grad is not None]
+        total = torch.nn.utils.get_total_norm(grads, 2.0)
+        if hasattr(total, "full_tensor"):  # DTensor: sum the shards' squares over ranks
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total.item()
+
+    def all_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of `t` over ranks (a CPU tensor in and out)."""
+        if self.active and self.world > 1:
+            t = t.to(_comm_device())
+            dist.all_reduce(t)
+            t = t.cpu()
+        return t
+
+    def all_gather_float(self, x: float) -> list[float]:
+        if not (self.active and self.world > 1):
+            return [x]
+        out = [torch.zeros(1, dtype=torch.float64, device=_comm_device()) for _ in range(self.world)]
+        dist.all_gather(out, torch.tensor([x], dtype=torch.float64, device=_comm_device()))
+        return [t.item() for t in out]
+
+    def kill_hook(self, step: int):
+        """Test-only fault injection: LRC_TEST_KILL_RANK_AT_STEP=RANK:STEP."""
+        spec = os.environ.get("LRC_TEST_KILL_RANK_AT_STEP")
+        if spec:
+            r, s = (int(x) for x in spec.split(":"))
+            if r == self.rank and s == step:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    # ---- state: full tensors out, shards in -------------------------------------------------
+    def full(self, t: torch.Tensor) -> torch.Tensor:
+        """A full (unsharded) CPU copy of a parameter or optimiser tensor (a collective under FSDP)."""
+        if hasattr(t, "full_tensor"):
+            t = t.full_tensor()
+        return t.detach().cpu()
+
+    def shard_like(self, full: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """This rank's piece of a full tensor shaped like `param` (the tensor itself off FSDP)."""
+        if hasattr(param, "device_mesh") and tuple(full.shape) == tuple(param.shape):
+            from torch.distributed.tensor import distribute_tensor
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+        return full
+
+    @contextlib.contextmanager
+    def teacher_alone(self):
+        """A teacher-only forward (the teacher's held-out CE) under FSDP2: the root group is
+        gathered, each decoder layer is freed right after its own forward, and FSDP2's
+        per-iteration state is reset at the end (the student half of each pair did not run)."""
+        if self.mode != "fsdp":
+            yield
+            return
+        root = self.model
+        root.unshard()
+        hooks = [tl.register_forward_hook(lambda m, i, o: m.reshard()) for tl in root.teacher.model.layers]
+        try:
+            yield
+        finally:
+            for h in hooks:
+                h.remove()
+            root.reset_iter_state()
+
+
+def param_bytes(model: nn.Module) -> dict:
+    """Bytes of parameters held on this rank (local shards under FSDP) and unsharded, teacher
+    and student apart."""
+    out = {"teacher_local": 0, "teacher_full": 0, "student_local": 0, "student_full": 0}
+    for name, p in model.named_parameters():
+        who = "teacher" if name.startswith("teacher.") else "student"
+        local = p.to_local() if hasattr(p, "to_local") else p
+        out[f"{who}_local"] += local.numel() * local.element_size()
+        out[f"{who}_full"] += math.prod(p.shape) * p.element_size()
+    return out
+
+
+def _comm_device() -> torch.device:
+    """Where small tensors for collectives live: NCCL needs them on the rank's GPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def shutdown():
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+_FAILURE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "timeout",
+                  "socket", "peer", "watchdog", "store")
+
+
+def is_collective_failure(e: BaseException) -> bool:
+    """True for the errors a collective raises when another rank died or stopped answering."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and any(w in str(e).lower() for w in _FAILURE_WORDS)
+
+
+def describe_failure(e: BaseException) -> str:
+    rank, world = dist.get_rank(), dist.get_world_size()
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return (f"rank {rank} of {world}: a collective with the other ranks failed, so another rank died or stopped "
+            f"answering (torchrun's report names the rank that failed first); the job stops. Cause: "
+            f"{type(e).__name__}: {first[:300]}. Continue from the last checkpoint with --resume.")
