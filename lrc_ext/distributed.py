@@ -36,11 +36,13 @@ layer (the teacher's layer, then the student's) through the student layer's modu
   storage, so the saved tensor is valid again); once the gradient reaches the layer's input
   the post-backward hook frees the pair and reduce-scatters grad P_i (the teacher has none).
 
-At any time one pair is unsharded (plus FSDP2's prefetch of the next one), and the root group
-(student P_emb / P_head / final norm, the teacher's embedding, final norm and LM head, which
-the distillation head needs in the backward too) stays unsharded through a step, as FSDP2
-does for roots. Parameter memory per rank: (teacher + student) / world + one layer pair +
-the root group. ``param_bytes`` reports the sharded and unsharded sizes; tests/
+At any time one pair is unsharded (plus FSDP2's prefetch of the next one). The root group
+(the teacher's LM head and final norm, which the distillation head needs in the backward
+too, the student's P_emb / P_head / final norm) stays unsharded through a step, as FSDP2 does
+for roots. An untied teacher embedding is a group of its own, gathered only for the token
+lookup (its backward needs the looked-up rows, not the table); a tied one is the LM head and
+stays in the root. Parameter memory per rank: (teacher + student) / world + the root group +
+one layer pair. ``param_bytes`` reports the sharded and unsharded sizes; tests/
 test_distributed.py checks that during layer i's forward and backward no other layer is
 gathered. A teacher-only forward (the teacher's held-out CE) uses ``teacher_alone``: each
 decoder layer is freed right after its own forward.
@@ -148,9 +150,12 @@ class Parallel:
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(device.type, (self.world,))
-            for sl, tl in zip(model.layers, model.teacher.model.layers):
+            t = model.teacher
+            for sl, tl in zip(model.layers, t.model.layers):
                 fully_shard([sl, tl], mesh=mesh)  # one group per lockstep pair: see the module docstring
-            fully_shard(model, mesh=mesh)          # root: embeddings, head, final norms
+            if t.get_input_embeddings().weight is not t.get_output_embeddings().weight:
+                fully_shard(t.model.embed_tokens, mesh=mesh)  # untied: gathered for the lookup only
+            fully_shard(model, mesh=mesh)          # root: LM head, final norms, P_emb / P_head
             self.model = model
         else:
             self.model = model.to(device)
