@@ -244,7 +244,8 @@ def validate(cfg: TrainConfig):
          f"--dtype must be auto, float32 or bfloat16, got {cfg.dtype!r}")
     need(cfg.parallel in ("auto", "none", "ddp", "fsdp"),
          f"--parallel must be auto, none, ddp or fsdp, got {cfg.parallel!r}")
-    need(math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0, f"--dist-timeout must be > 0, got {cfg.dist_timeout}")
+    need(math.isfinite(cfg.dist_timeout) and cfg.dist_timeout > 0,
+         f"--dist-timeout must be > 0, got {cfg.dist_timeout}")
     for k in ("eval_every", "save_every", "gen_tokens"):
         need(getattr(cfg, k) >= 0, f"--{k.replace('_', '-')} must be >= 0, got {getattr(cfg, k)}")
     need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
