@@ -33,6 +33,7 @@ VARIANTS = {
     "pca normalized, refit+correct, tied": ("pca", None, dict(basis="normalized", refit=True, correct=True)),
     "pca normalized, refit+correct, untied": ("pca", False, dict(basis="normalized", refit=True, correct=True)),
 }
+DEFAULT = (0, 2, 3, 5, 7, 8)  # --variants all: also the raw and read bases
 
 
 def main(argv=None):
@@ -43,7 +44,8 @@ def main(argv=None):
     ap.add_argument("--eval-tokens", type=int, default=1024)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--ridge", type=float, default=None, help="override the ridge of every refit variant")
-    ap.add_argument("--variants", default=None, help="comma-separated substrings selecting variants")
+    ap.add_argument("--variants", default=",".join(map(str, DEFAULT)),
+                    help=f"comma-separated indices into {list(VARIANTS)}, or 'all'")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "init_quality.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
@@ -89,7 +91,8 @@ def main(argv=None):
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    names = [n for n in VARIANTS if args.variants is None or any(s in n for s in args.variants.split(","))]
+    allv = list(VARIANTS)
+    names = allv if args.variants == "all" else [allv[int(i)] for i in args.variants.split(",")]
     eigen_cache = {}
     ids, mask = as_batch(cal)
     for width in (int(w) for w in args.widths.split(",")):
