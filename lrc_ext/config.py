@@ -110,7 +110,8 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
-RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split", "streaming", "eval_tokens",
+RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split",
+                "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
                 "tau", "alpha", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
 
