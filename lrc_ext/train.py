@@ -61,23 +61,29 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (n - step) / max(1, n - w))
 
 
-def build_model(cfg: TrainConfig, teacher, tokenizer, data=None):
+def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
     """The LowRankClone for cfg (projections drawn from cfg.seed, on the CPU, so every device
     starts from the same student). --init pca calibrates on the first --calibration-tokens of
-    the training sequences of `data`; without `data` (resuming, reloading) the init is skipped."""
+    the training sequences of `data`; without `data` (resuming, reloading) the init is skipped.
+    On an accelerator `device` the calibration runs there (the model is moved first)."""
+    from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
-    kw = {}
+    kw, cal = {}, None
     if cfg.init == "pca" and data is not None:
         cal = data.batch(0, -(-cfg.calibration_tokens // cfg.seq_len))
-        kw = dict(init="pca", calibration=cal)
+        on_cpu = device is None or torch.device(device).type == "cpu"
+        kw = dict(init="pca", calibration=cal) if on_cpu else {}
     try:
         model = LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
                              tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
                              use_clone=cfg.use_clone, tokenizer=tokenizer, **kw)
-    except ValueError as e:  # unsupported teacher, a student width that cannot be exported...
+        if cal is not None and not kw:  # calibrate on the accelerator, not on the host
+            model = model.to(device)
+            model.init_info = init_mod.pca_init_(model, cal)
+    except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
-    if kw:
+    if cal is not None:
         i = model.init_info
         say(f"init     pca on {i['tokens']:,} training tokens in {i['seconds']:.1f}s (basis {i['basis']}, "
             f"captures {100 * i['energy_fraction']:.1f}% of the residual stream's energy)")
@@ -257,7 +263,7 @@ def train(argv=None) -> int:
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
     say(f"data     {cfg.data}: {data.describe()}")
-    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data)
+    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device)
     # net: what the loop calls (DDP wrapper, or the FSDP2-sharded model itself); model: the LowRankClone
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
