@@ -330,8 +330,14 @@ def summarize(res: dict) -> dict:
             if RUNS[k][1] != "lrc":
                 continue
             tok, exact = tokens_to(done[k]["points"], target)
-            rat[k] = dict(tokens=tok, ratio=None if not tok else round(budget / tok, 2),
-                          note=None if exact else "reached by the first evaluation point: tokens an upper bound, ratio a lower bound")
+            calib = (done[k].get("extra") or {}).get("calibration_tokens", 0)
+            note = None if exact else "reached by the first evaluation point: tokens an upper bound, ratio a lower bound"
+            if tok == 0:
+                note = "already below at initialisation (0 training tokens)"
+            rat[k] = dict(tokens=tok, ratio=None if not tok else round(budget / tok, 2), note=note)
+            if calib:
+                rat[k].update(calibration_tokens=calib, ratio_counting_calibration=None if tok is None
+                              else round(budget / (tok + calib), 2))
         s["vs_best_baseline"] = dict(best_baseline=best, its_final_ce=target, budget_tokens=budget,
                                      lrc_tokens_to_reach_it=rat,
                                      goal="LRC reaches the best baseline's final CE with >= 10x fewer tokens")
@@ -343,7 +349,11 @@ def summarize(res: dict) -> dict:
         a = toks["lrc_all"]
         s["ablation"] = dict(common_target_ce=target, tokens=toks,
                              slowdown_vs_lrc_all={k: (round(t / a, 2) if a and t else None) for k, t in toks.items()},
-                             paper="LRC reaches LM loss 3.0 2.7x faster than TinyBERT-style; without clone >2x slower")
+                             final_ce={k: s["final_ce"][k] for k in abl},
+                             final_ce_minus_lrc_all={k: round(s["final_ce"][k] - s["final_ce"]["lrc_all"], 4)
+                                                     for k in abl},
+                             paper="LRC reaches LM loss 3.0 2.7x faster than TinyBERT-style; without clone >2x slower "
+                                   "(so each of these should have a higher CE than lrc_all at equal tokens)")
     return s
 
 
@@ -351,6 +361,8 @@ def summarize(res: dict) -> dict:
 
 def write_outputs(res: dict, out: Path):
     res["summary"] = summarize(res)
+    if (out / "notes.md").is_file():
+        res["notes"] = (out / "notes.md").read_text()
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / "quality.json.tmp"
     tmp.write_text(json.dumps(res, indent=1) + "\n")
@@ -369,13 +381,18 @@ def plot(res, path: Path):
         if not pts:
             continue
         style = "-" if RUNS[name][1] == "lrc" else "--"
-        ax.plot([p["tokens"] for p in pts], [p["ce"] for p in pts], style, marker="o", ms=3,
-                label=RUNS[name][0] + ("" if r.get("done") else " (partial)"))
+        line, = ax.plot([p["tokens"] for p in pts], [p["ce"] for p in pts], style, marker="o", ms=3,
+                        label=RUNS[name][0] + ("" if r.get("done") else " (partial)"))
+        init = r["points"][0]
+        if init["tokens"] == 0:  # the start, drawn at half the first point's tokens (log x has no 0)
+            x0 = pts[0]["tokens"] / 2
+            ax.plot([x0, pts[0]["tokens"]], [init["ce"], pts[0]["ce"]], ":", color=line.get_color(), lw=0.8)
+            ax.plot([x0], [init["ce"]], marker="o", mfc="none", color=line.get_color(), ms=5)
     tce = res.get("teacher_ce")
     if tce is not None:
         ax.axhline(tce, color="k", lw=0.8, ls=":", label=f"teacher CE {tce:.2f}")
     ax.set_xscale("log")
-    ax.set_xlabel("training tokens")
+    ax.set_xlabel("training tokens (hollow markers at the left: the start, 0 tokens)")
     ax.set_ylabel("held-out CE (nats/token)")
     m = res["meta"]
     ax.set_title(f"{m['teacher_name']} -> d_S={m['width']}, budget {m['budget_tokens']:,} tokens/run ({m['device']})",
@@ -430,14 +447,19 @@ def readme(res) -> str:
                       f"{v['budget_tokens']:,} tokens. Tokens each LRC run needs to reach it (ratio = budget / tokens):"]
         for k, x in v["lrc_tokens_to_reach_it"].items():
             lines.append(f"- {k}: {x['tokens'] if x['tokens'] is not None else 'not reached'}"
-                         + (f" -> {x['ratio']}x" if x["ratio"] else "") + (f" ({x['note']})" if x["note"] else ""))
+                         + (f" -> {x['ratio']}x" if x["ratio"] else "") + (f" ({x['note']})" if x["note"] else "")
+                         + (f"; its init used {x['calibration_tokens']:,} calibration tokens: counting them, "
+                            f"{x['ratio_counting_calibration']}x" if x.get("calibration_tokens") else ""))
     if "ablation" in s:
         a = s["ablation"]
         lines += ["", f"Ablation: tokens to CE {a['common_target_ce']:.3f} (the worst final CE among them): "
                   + ", ".join(f"{k} {t}" + (f" ({a['slowdown_vs_lrc_all'][k]}x)" if a['slowdown_vs_lrc_all'][k] else "")
-                              for k, t in a["tokens"].items()), ""]
+                              for k, t in a["tokens"].items()),
+                  "Final CE minus lrc_all's at equal tokens (the paper: > 0 for each): "
+                  + ", ".join(f"{k} {v:+.3f}" for k, v in a.get("final_ce_minus_lrc_all", {}).items() if k != "lrc_all"),
+                  ""]
     if res.get("notes"):
-        lines += ["", "## Notes", "", *res["notes"]]
+        lines += ["", "## Notes", "", res["notes"].strip()]
     lines += ["", "Raw figures: quality.json; plot: quality.png (log x, curve rows).", ""]
     return "\n".join(lines)
 
@@ -493,12 +515,19 @@ def parse(argv):
     ap.add_argument("--alpha", type=float, default=0.5)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    ap.add_argument("--render", action="store_true",
+                    help="only rewrite the README/PNG/summary from --out's quality.json (and its notes.md)")
     ap.add_argument("--fresh", action="store_true", help="ignore finished runs in an existing quality.json")
     return ap.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse(argv)
+    if args.render:
+        out = Path(args.out)
+        res = json.loads((out / "quality.json").read_text())
+        write_outputs(res, out)
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     import transformers

@@ -75,6 +75,12 @@ def test_quality_smoke(tmp_path):
     assert set(s["final_ce"]) >= {"lrc_all", "scratch_ce", "scratch_kd", "tinybert"}
     assert s["vs_best_baseline"]["best_baseline"] in quality.BASELINES
     assert "ablation" in s
+    # re-rendering from the JSON alone (with hand notes) keeps the figures
+    (out / "notes.md").write_text("hand-written note")
+    (out / "README.md").unlink()
+    assert quality.main(["--render", "--out", str(out)]) == 0
+    assert "hand-written note" in (out / "README.md").read_text()
+    assert json.loads((out / "quality.json").read_text())["summary"] == s
 
 
 def test_tokens_to():
