@@ -143,25 +143,13 @@ def eval_ce(model, rows: torch.Tensor, device, chunk: int = 16) -> float:
     return tot / n
 
 
-def set_identity_(lrc):
-    """P = I and the teacher's norms: the LRC student at d_S = d_T is then the teacher."""
-    t = lrc.teacher
-    with torch.no_grad():
-        for p in lrc.trainable_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.eye(*p.shape))
-        for sl, tl in zip(lrc.layers, t.model.layers):
-            sl.input_layernorm.weight.copy_(tl.input_layernorm.weight)
-            sl.post_attention_layernorm.weight.copy_(tl.post_attention_layernorm.weight)
-        lrc.norm.weight.copy_(t.model.norm.weight)
-
-
 def identity_check(teacher, rows, device) -> dict:
     """The eval path sanity: LRC at d_S = d_T with identity projections, exported, scores the
     teacher's own CE."""
     from lrc_ext import LowRankClone
+    from lrc_ext.init import identity_
     lrc = LowRankClone(teacher, teacher.config.hidden_size)
-    set_identity_(lrc)
+    identity_(lrc)
     ce_s = eval_ce(lrc.build_student_model(), rows, device)
     ce_t = eval_ce(teacher, rows, device)
     del lrc

@@ -15,6 +15,7 @@ from _tiny import D_T, FAMILIES, VOCAB, randomize_, tiny_config, tiny_teacher, t
 
 import lrc_ext
 from lrc_ext import LowRankClone
+from lrc_ext.init import identity_ as set_identity_
 
 # Written out here (not imported from lrc_ext) so the oracle does not share the model's tables.
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
@@ -44,19 +45,6 @@ def batch(b=2, s=10, lens=(7, 10), left=True, seed=0):
 
 def positions(am):
     return (am.cumsum(-1) - 1).clamp(min=0)
-
-
-def set_identity_(model):
-    """P = I everywhere and the teacher's norms: the student is then the teacher."""
-    t = model.teacher
-    with torch.no_grad():
-        for p in model.trainable_parameters():
-            if p.dim() == 2:
-                p.copy_(torch.eye(*p.shape))
-        for sl, tl in zip(model.layers, t.model.layers):
-            sl.input_layernorm.weight.copy_(tl.input_layernorm.weight)
-            sl.post_attention_layernorm.weight.copy_(tl.post_attention_layernorm.weight)
-        model.norm.weight.copy_(t.model.norm.weight)
 
 
 def run_hooked(model, ids, am):
