@@ -21,8 +21,8 @@ Shapes (--shape):
 
 Modes (--modes): eager = LowRankClone(fused=False), the plain-PyTorch reference;
 compile = the same under torch.compile (--compile-scope layers: the per-layer student
-function and the reference head, after pre-resolving the op switch, which otherwise breaks
-the graph; --compile-scope model: torch.compile of the whole LowRankClone); fused =
+function and the reference head, through a table of resolved ops that holds the compiled
+head; --compile-scope model: torch.compile of the whole LowRankClone); fused =
 LowRankClone(fused=True). A mode that fails (compile included) is recorded, not fatal.
 
 Model FLOPs of one step (MFU counts these; elementwise work, norms, softmax and the MSEs
@@ -165,8 +165,8 @@ def _ops_module(name: str):
 
 @contextlib.contextmanager
 def preresolved_ops():
-    """Swap the model's op switch (resolve_op, which imports a module on every call and so
-    breaks a torch.compile graph) for a table lookup of the same functions."""
+    """Swap the model's op switch (resolve_op) for a table of the same functions, so a mode
+    can put a compiled function in the table (the compile mode does, for the reference head)."""
     import lrc_ext.model as lm
     import lrc_ext.modules as lmod
     orig = lmod.resolve_op

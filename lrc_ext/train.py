@@ -69,17 +69,15 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
     from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
-    kw, cal = {}, None
+    cal = None
     if cfg.init == "pca" and data is not None:
         cal = data.batch(0, -(-cfg.calibration_tokens // cfg.seq_len))
-        on_cpu = device is None or torch.device(device).type == "cpu"
-        kw = dict(init="pca", calibration=cal) if on_cpu else {}
     try:
         model = LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
                              tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
-                             use_clone=cfg.use_clone, tokenizer=tokenizer, **kw)
-        if cal is not None and not kw:  # calibrate on the accelerator, not on the host
-            model = model.to(device)
+                             use_clone=cfg.use_clone, tokenizer=tokenizer)
+        if cal is not None:  # on the training device, not on the host
+            model = model.to(device) if device is not None else model
             model.init_info = init_mod.pca_init_(model, cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
