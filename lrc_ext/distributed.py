@@ -59,6 +59,7 @@ as step STEP starts; the job must then fail with a clear message, not hang.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import os
 import signal
@@ -261,8 +262,14 @@ def _comm_device() -> torch.device:
 
 
 def shutdown():
+    """Leave the process group with nothing of it left for interpreter exit to tear down: FSDP2's
+    modules sit in reference cycles that hold DTensors and the device mesh, and a gloo group
+    whose tensors die during interpreter finalisation can abort the process (seen as
+    "terminate called without an active exception" from a rank that had finished cleanly)."""
     if dist.is_available() and dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
 
 
 _FAILURE_WORDS = ("gloo", "nccl", "connection closed", "connection reset", "broken pipe", "timed out", "timeout",

@@ -437,6 +437,7 @@ def train(argv=None) -> int:
             model = build_model(cfg, teacher, tok)
             model.load_trainable_state_dict(full)
             model = model.to(device)
+    par.barrier()  # the last collective: past it rank 0 exports alone and the others leave
     if not par.is_main:
         return 0
     plot.plot(log_path, out / "loss.png")
