@@ -64,6 +64,7 @@ RUNS = {  # name -> (label, kind, options)
     "lrc_attn": ("(c) LRC, clone on q,k,v,o only", "lrc", dict(clone_kinds=("q", "k", "v", "o"))),
     "lrc_w144": ("(g) LRC, all terms, second width (--width2, 144)", "lrc", dict(width="width2")),
     "lrc_pca": ("LRC, all terms, init=pca", "lrc", dict(init="pca")),
+    "lrc_pca_lr3e-5": ("LRC, all terms, init=pca, lr 3e-5", "lrc", dict(init="pca", lr=3e-5)),
 }
 
 

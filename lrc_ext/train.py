@@ -326,6 +326,7 @@ def train(argv=None) -> int:
     net.train()
     t_ce = None  # the teacher's held-out CE, computed at the first evaluation
     stop = StopFlag()
+    scale_noted = False  # the note on a clone loss that swamps the task loss, at most once
     halt = None  # the stop reason all ranks agree on (stop.reason itself under no parallelism)
     bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
                disable=not par.is_main)
@@ -393,6 +394,14 @@ def train(argv=None) -> int:
                    **{k: v for k, v in sums.items() if k.startswith("clone_")},
                    "lr": lr, "grad_norm": gnorm, "tok_per_s": step_tokens / dt, "elapsed_s": elapsed}
             last_step = step == total
+            if not scale_noted:  # once, on the first step this run takes
+                scale_noted = True
+                task = rec["lm"] + rec["kl"]
+                if task > 0 and cfg.alpha * rec["clone"] > 50 * task:
+                    say(f"note     alpha x clone = {cfg.alpha * rec['clone']:.4g} is {cfg.alpha * rec['clone'] / task:.0f}x "
+                        f"CE + KL at step {step}, so the clone terms take nearly all of the clipped update (large "
+                        f"teacher activations: SmolLM2's late layers have a mean square of ~7700). On SmolLM2 a "
+                        f"smaller --alpha (0.005) trained faster at short budgets: bench/results/quality/")
             if data.eval.shape[0] and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
                 if t_ce is None:
                     t_ce = teacher_ce(teacher, data.eval, cfg, device, amp, par)

@@ -177,6 +177,18 @@ def test_run_logs_checkpoints_exports_reloads(base_run, tiny):
     assert saved["seq_len"] == 32 and saved["max_steps"] == 8 and "resume" not in saved
 
 
+def test_note_when_the_clone_loss_swamps_the_task_loss(base_run, tiny, tmp_path, capsys):
+    """At the spec's alpha the tiny run's clone terms are small: no note. At alpha 1e4 they are
+    far over 50x CE + KL: the trainer says so once, with the ratio, and still trains."""
+    assert "alpha x clone" not in base_run[1].stdout
+    from lrc_ext import train
+    args = tiny_args(tiny, tmp_path / "big", **{"--alpha": 1e4, "--max-steps": 2, "--eval-every": 0,
+                                                "--save-every": 0, "--gen-tokens": 0})
+    assert train.main([str(a) for a in args]) == 0
+    out = capsys.readouterr().out
+    assert out.count("alpha x clone") == 1 and "x CE + KL at step 1" in out, out
+
+
 def test_export_cli_matches_training_export(base_run, tmp_path, capsys):
     out, _ = base_run
     ok(cli(out, tmp_path / "exp", module="lrc_ext.export"))
