@@ -159,4 +159,5 @@ def test_cli_run_with_init_pca(tmp_path):
                "--micro-batch-size", 2, "--tokens-per-step", 64, "--max-steps", 1, "--eval-tokens", 64,
                "--gen-tokens", 0, "--init", "pca", "--calibration-tokens", 256, "--output-dir", out))
     assert "init     pca on 256 training tokens" in r.stdout + r.stderr
+    assert "note     --lr 0.0001 from a pca start" in r.stdout  # the default lr measured unstable from pca
     assert "init: pca" in (out / "config.yaml").read_text()
