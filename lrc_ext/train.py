@@ -396,9 +396,9 @@ def train(argv=None) -> int:
             last_step = step == total
             if not scale_noted:  # once, on the first step this run takes
                 scale_noted = True
-                task = rec["lm"] + rec["kl"]
-                if task > 0 and cfg.alpha * rec["clone"] > 50 * task:
-                    say(f"note     alpha x clone = {cfg.alpha * rec['clone']:.4g} is {cfg.alpha * rec['clone'] / task:.0f}x "
+                task, weighted = rec["lm"] + rec["kl"], cfg.alpha * rec["clone"]
+                if task > 0 and weighted > 50 * task:
+                    say(f"note     alpha x clone = {weighted:.4g} is {weighted / task:.0f}x "
                         f"CE + KL at step {step}, so the clone terms take nearly all of the clipped update (large "
                         f"teacher activations: SmolLM2's late layers have a mean square of ~7700). On SmolLM2 a "
                         f"smaller --alpha (0.005) trained faster at short budgets: bench/results/quality/")
