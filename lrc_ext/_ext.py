@@ -41,6 +41,20 @@ _C, _IMPORT_ERROR = _load()
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}  # csrc/common.h
 
+# What the kernels take: fp64 on the CPU only (for gradcheck), fp32 / fp16 / bf16 everywhere.
+DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def dtypes_for(t: torch.Tensor) -> tuple:
+    return DTYPES_CUDA if t.device.type == "cuda" else DTYPES_CPU
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype our kernels accumulate and return losses in: fp64 for fp64 input (so that
+    gradcheck sees full precision), fp32 for everything else (docs/DESIGN.md, "Numerics")."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
 
 def available() -> bool:
     return _C is not None
@@ -67,10 +81,18 @@ def require_cuda(op: str):
     return c
 
 
+def check_tensors(op: str, optional=(), **named):
+    """TypeError naming the op and argument for anything that is not a tensor (None is allowed
+    for the names in `optional`). Public functions call it before dispatch, so that the message
+    is ours, not the dispatcher's."""
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor) and not (t is None and name in optional):
+            raise TypeError(f"lrc_ext.{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+
+
 def check(op: str, name: str, t, *, ndim: int | None = None, dtypes=None, device: torch.device | None = None):
     """Raise a ValueError naming the op and argument when t is not what the op takes."""
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"lrc_ext.{op}: argument '{name}' must be a torch.Tensor, got {type(t).__name__}")
+    check_tensors(op, **{name: t})
     if ndim is not None and t.dim() != ndim:
         raise ValueError(f"lrc_ext.{op}: argument '{name}' must be {ndim}-D, got shape {tuple(t.shape)}")
     if dtypes is not None and t.dtype not in dtypes:
@@ -82,15 +104,6 @@ def check(op: str, name: str, t, *, ndim: int | None = None, dtypes=None, device
                          f"(all inputs must be on one device)")
     if t.device.type not in ("cpu", "cuda", "meta"):
         raise ValueError(f"lrc_ext.{op}: argument '{name}' is on {t.device}; only cpu and cuda are supported")
-
-
-def check_rows(op: str, name: str, t: torch.Tensor):
-    """2-D with unit column stride (rows may be strided)."""
-    if t.size(1) > 1 and t.stride(1) != 1:
-        raise ValueError(f"lrc_ext.{op}: argument '{name}' must have unit stride along its last dimension, "
-                         f"got strides {tuple(t.stride())}; call .contiguous() first")
-    if t.size(0) > 1 and t.stride(0) < t.size(1):
-        raise ValueError(f"lrc_ext.{op}: argument '{name}' has overlapping rows (strides {tuple(t.stride())})")
 
 
 def row_stride(t: torch.Tensor) -> int:

@@ -22,6 +22,7 @@ from . import families as fam
 from . import init as _init
 from .families import KINDS, NORMS
 from .modules import FusedCloneLinear, resolve_op
+from .ops.distill_head import check_options as check_head_options
 
 
 @dataclass
@@ -110,12 +111,9 @@ class LowRankClone(nn.Module):
         bad = set(clone_kinds) - set(KINDS)
         if bad:
             raise ValueError(f"clone_kinds: unknown kinds {sorted(bad)}; known: {list(KINDS)}")
-        if kl_reduction not in ("batchmean", "token"):
-            raise ValueError(f"kl_reduction must be 'batchmean' or 'token', got {kl_reduction!r}")
+        check_head_options(tau=tau, kl_reduction=kl_reduction)  # now, not at the first forward
         if attn_clone_space not in ("student", "teacher"):
             raise ValueError(f"attn_clone_space must be 'student' or 'teacher', got {attn_clone_space!r}")
-        if not tau > 0:
-            raise ValueError(f"tau must be > 0, got {tau!r}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0, got {alpha!r}")
 

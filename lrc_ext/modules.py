@@ -1,5 +1,5 @@
-"""FusedCloneLinear: a student linear cloned from a frozen teacher nn.Linear (LRC_SPEC "Trainable
-parameters"), and the one switch that picks fused or reference ops."""
+"""FusedCloneLinear: a student linear cloned from a frozen teacher nn.Linear (docs/DESIGN.md,
+"The method"), and the one switch that picks fused or reference ops."""
 from __future__ import annotations
 
 import importlib
@@ -7,7 +7,7 @@ import importlib
 import torch
 from torch import nn
 
-_SIDES = ("in", "out")
+from .ops.clone_linear import side_is_out
 
 
 def resolve_op(name: str, fused: bool | None):
@@ -42,8 +42,7 @@ class FusedCloneLinear(nn.Module):
     def __init__(self, teacher_linear: nn.Linear, student_features: int, side: str = "in",
                  fused: bool | None = None, init_std: float = 0.02):
         super().__init__()
-        if side not in _SIDES:
-            raise ValueError(f"FusedCloneLinear: side must be 'in' or 'out', got {side!r}")
+        side_is_out(side, "FusedCloneLinear")
         if not isinstance(teacher_linear, nn.Linear):
             raise TypeError(f"FusedCloneLinear: teacher_linear must be an nn.Linear, "
                             f"got {type(teacher_linear).__name__}")

@@ -1,5 +1,5 @@
 """clone_linear: student linear formed from a frozen teacher weight and a trainable
-projection, plus the activation-clone MSE (LRC_SPEC "Losses").
+projection, plus the activation-clone MSE (docs/DESIGN.md, "The method" and "clone_linear").
 
     side="in"  (q, k, v, gate, up): W_S = W_T @ P      y = x @ W_S.T (+ bias)   target: y_T
     side="out" (o, down):           W_S = P.T @ W_T    y = x @ W_S.T            target: y_T @ P
@@ -26,6 +26,10 @@ backward  one pass of our merge kernel: g = grad_y + (2 grad_mse / numel) d
           Gradients for the target, W_T and bias are produced too when (and only when) they
           require grad; a frozen teacher costs nothing.
 
+Validation: ``clone_linear`` checks what only it sees (Python types, before dispatch; ``side``;
+x's and target's leading dimensions); the op checks the 2-D tensor contract its kernels rely
+on, once per call, for every caller (``clone_linear``, compiled graphs, direct torch.ops calls).
+
 Dtypes: fp32, bf16, fp16 (and fp64 on the CPU), all inputs the same dtype; under
 torch.autocast the floating inputs (fp64 excepted) are cast to the autocast dtype first,
 as autocast does for a matmul. The MSE is fp32 (fp64 for fp64 inputs, so that gradcheck
@@ -34,7 +38,6 @@ sees full precision; the reference returns fp32 there).
 from __future__ import annotations
 
 import contextlib
-import threading
 from typing import Optional
 
 import torch
@@ -43,24 +46,18 @@ from torch import Tensor
 from .. import _ext
 
 _OP = "clone_linear"
-_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
-_NEEDS = ("x", "weight", "proj", "bias", "target")
+SIDES = ("in", "out")
 
 
 def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
                            target: Tensor | None = None, side: str = "in"):
     """Plain PyTorch: the oracle every fused path is tested against."""
-    if side == "in":
-        w_s = weight @ proj
-    elif side == "out":
-        w_s = proj.t() @ weight
-    else:
-        raise ValueError(f"clone_linear: side must be 'in' or 'out', got {side!r}")
-    y = torch.nn.functional.linear(x, w_s, bias if side == "in" else None)
+    side_out = side_is_out(side)
+    w_s = proj.t() @ weight if side_out else weight @ proj
+    y = torch.nn.functional.linear(x, w_s, None if side_out else bias)
     if target is None:
         return y, None
-    tgt = target if side == "in" else target @ proj
+    tgt = target @ proj if side_out else target
     # (d*d).mean() keeps only the difference alive for backward, not both y and target.
     d = (y - tgt).float()
     return y, (d * d).mean()
@@ -76,6 +73,25 @@ def _dt(t: Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
 
 
+def side_is_out(side: str, who: str = f"lrc_ext.{_OP}") -> bool:
+    """The one check of ``side``: True for "out", False for "in"."""
+    if side not in SIDES:
+        raise ValueError(f"{who}: argument 'side' must be 'in' or 'out', got {side!r}")
+    return side == "out"
+
+
+def _check_call(x, weight, proj, bias, target) -> None:
+    """What the op cannot check for ``clone_linear``: Python types (before dispatch, so the
+    message is ours) and the leading dimensions it flattens."""
+    _ext.check_tensors(_OP, ("bias", "target"), x=x, weight=weight, proj=proj, bias=bias, target=target)
+    if x.dim() < 1:
+        raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
+    if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
+        width = weight.shape[0] if weight.dim() == 2 else "out_T"
+        raise _err(f"argument 'target' must have shape {(*x.shape[:-1], width)} (x's leading dimensions and the "
+                   f"teacher's output width), got {tuple(target.shape)}")
+
+
 def _check_same(name: str, t: Tensor, x: Tensor, ndim: int):
     _ext.check(_OP, name, t, ndim=ndim)
     if t.dtype != x.dtype:
@@ -84,45 +100,42 @@ def _check_same(name: str, t: Tensor, x: Tensor, ndim: int):
     _ext.check(_OP, name, t, device=x.device)
 
 
-def _validate(x, weight, proj, bias, target, side: str, x_ndim: int | None = None):
-    """Shapes, dtypes and devices; raises a ValueError naming the op and the argument."""
-    if side not in ("in", "out"):
-        raise _err(f"argument 'side' must be 'in' or 'out', got {side!r}")
-    if bias is not None and side == "out":
+def _validate(x, weight, proj, bias, target, side_out: bool):
+    """The op's tensor contract (x and target 2-D): shapes, dtypes, devices. Raises a
+    ValueError naming the op and the argument."""
+    if bias is not None and side_out:
         raise _err("argument 'bias' is only supported on the input side (side='in'); an output-side teacher "
                    "bias has no direct student counterpart")
-    _ext.check(_OP, "x", x, ndim=x_ndim)
-    if x.dim() < 1:
-        raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
-    _ext.check(_OP, "x", x, dtypes=_DTYPES_CUDA if x.device.type == "cuda" else _DTYPES_CPU)
+    _ext.check(_OP, "x", x, ndim=2)
+    _ext.check(_OP, "x", x, dtypes=_ext.dtypes_for(x))
     _check_same("weight", weight, x, 2)
     _check_same("proj", proj, x, 2)
     out_t, in_t = weight.shape
     d_t, d_s = proj.shape
-    if side == "in":
+    if not side_out:
         if d_t != in_t:
             raise _err(f"argument 'proj' must have weight.shape[1] = {in_t} rows on the input side "
                        f"(W_S = weight @ proj), got shape {tuple(proj.shape)} with weight {tuple(weight.shape)}")
-        in_s, t_width = d_s, out_t
+        in_s = d_s
     else:
         if d_t != out_t:
             raise _err(f"argument 'proj' must have weight.shape[0] = {out_t} rows on the output side "
                        f"(W_S = proj.T @ weight), got shape {tuple(proj.shape)} with weight {tuple(weight.shape)}")
-        in_s, t_width = in_t, out_t
+        in_s = in_t
     if x.shape[-1] != in_s:
-        raise _err(f"argument 'x' must have last dimension {in_s} (the student's input width for side={side!r}: "
-                   f"{'proj.shape[1]' if side == 'in' else 'weight.shape[1]'}), got shape {tuple(x.shape)}")
+        raise _err(f"argument 'x' must have last dimension {in_s} (the student's input width for "
+                   f"side={'out' if side_out else 'in'!r}: {'weight.shape[1]' if side_out else 'proj.shape[1]'}), "
+                   f"got shape {tuple(x.shape)}")
     if bias is not None:
         _check_same("bias", bias, x, 1)
         if bias.shape[0] != out_t:
             raise _err(f"argument 'bias' must have shape ({out_t},), got {tuple(bias.shape)}")
     if target is not None:
-        _check_same("target", target, x, None)
-        want = (*x.shape[:-1], t_width)
+        _check_same("target", target, x, 2)
+        want = (x.shape[0], out_t)
         if tuple(target.shape) != want:
-            raise _err(f"argument 'target' must have shape {want} (x's leading dimensions and the teacher's output "
-                       f"width {t_width}{', compared as target @ proj' if side == 'out' else ''}), "
-                       f"got {tuple(target.shape)}")
+            raise _err(f"argument 'target' must have shape {want} (x's rows and the teacher's output width "
+                       f"{out_t}{', compared as target @ proj' if side_out else ''}), got {tuple(target.shape)}")
 
 
 def _rows_ok(t: Tensor) -> bool:
@@ -141,7 +154,7 @@ def _epilogue(y: Tensor, t: Tensor, d: Tensor) -> Tensor:
         s = c.clone_linear_epilogue_cpu(y.data_ptr(), _ext.row_stride(y), t.data_ptr(), _ext.row_stride(t),
                                         d.data_ptr(), _ext.row_stride(d), rows, cols, _ext.DTYPE_CODES[y.dtype],
                                         inv_numel)
-        return torch.tensor(s, dtype=torch.float64 if y.dtype == torch.float64 else torch.float32)
+        return torch.tensor(s, dtype=_ext.acc_dtype(y.dtype))
     c = _ext.require_cuda(_OP)
     with torch.cuda.device(y.device):
         mse = torch.empty((), dtype=torch.float32, device=y.device)
@@ -176,11 +189,6 @@ def _no_autocast(t: Tensor):
     return contextlib.nullcontext()
 
 
-# Set while clone_linear() (which has just validated) calls the op, so the op's own check
-# for direct callers of torch.ops.lrc_ext.clone_linear does not run twice in eager mode.
-_validated = threading.local()
-
-
 # ----------------------------------------------------------------------------- forward op
 
 @torch.library.custom_op("lrc_ext::clone_linear", mutates_args=())
@@ -188,14 +196,13 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
                      side_out: bool, target_proj_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x 2-D (N, in_S), target 2-D or None. Returns (y, mse, W_S, d, G_t); d and G_t are
     empty when not computed (no target; G_t only on the output side with target_proj_grad)."""
-    if not getattr(_validated, "on", False):
-        _validate(x, weight, proj, bias, target, "out" if side_out else "in", x_ndim=2)
+    _validate(x, weight, proj, bias, target, side_out)
     with _no_autocast(x):
         w_s = proj.t() @ weight if side_out else weight @ proj
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
         if target is None:
-            return y, x.new_zeros((), dtype=_mse_dtype(x)), w_s, empty, empty.clone()
+            return y, x.new_zeros((), dtype=_ext.acc_dtype(x.dtype)), w_s, empty, empty.clone()
         if side_out:
             d = t = torch.mm(target, proj)  # our temporary: d overwrites it
         else:
@@ -206,17 +213,13 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
     return y, mse, w_s, d, g_t
 
 
-def _mse_dtype(x: Tensor):
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
 @_clone_linear_op.register_fake
 def _(x, weight, proj, bias, target, side_out, target_proj_grad):
     out_s = proj.shape[1] if side_out else weight.shape[0]
     in_s = weight.shape[1] if side_out else proj.shape[1]
     y = x.new_empty((x.shape[0], out_s))
     w_s = x.new_empty((out_s, in_s))
-    mse = x.new_empty((), dtype=_mse_dtype(x))
+    mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty((x.shape[0], out_s)) if target is not None else x.new_empty(0)
     g_t = x.new_empty(tuple(proj.shape)) if (target is not None and side_out and target_proj_grad) else x.new_empty(0)
     return y, mse, w_s, d, g_t
@@ -290,7 +293,7 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
         gb = g.sum(0) if need_b else empty.clone()
         if need_t:
             if use_mse:
-                s = grad_mse.to(torch.float64 if d.dtype == torch.float64 else torch.float32) * (-k)
+                s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k)
                 gt = (torch.mm(d, proj.t()) if side_out else d) * s
                 gt = gt.to(d.dtype)
             else:
@@ -337,19 +340,13 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
     dimensions. Gradients flow to x, proj, and to target / weight / bias when they require
     grad (the teacher is normally frozen: then none is computed for it).
     """
-    if isinstance(x, Tensor) and isinstance(weight, Tensor) and isinstance(proj, Tensor):
-        x, weight, proj, bias, target = _autocast(x, weight, proj, bias, target)
-    _validate(x, weight, proj, bias, target, side)
+    _check_call(x, weight, proj, bias, target)
+    side_out = side_is_out(side)
+    x, weight, proj, bias, target = _autocast(x, weight, proj, bias, target)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
-    side_out = side == "out"
     target_proj_grad = bool(side_out and target is not None and proj.requires_grad and torch.is_grad_enabled())
-    _validated.on = True
-    try:
-        y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out,
-                                                                target_proj_grad)
-    finally:
-        _validated.on = False
+    y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad)
     y = y.view(*lead, y.shape[-1])
     return y, (mse if target is not None else None)

@@ -1,4 +1,4 @@
-"""distill_head: teacher + student LM heads with KL and CE (LRC_SPEC "Losses").
+"""distill_head: teacher + student LM heads with KL and CE (docs/DESIGN.md, "The method" and "distill_head").
 
 h_s: (N, d_S) student final hidden (after the student's final norm);
 h_t: (N, d_T) teacher final hidden (after the teacher's final norm);
@@ -37,9 +37,14 @@ kl_weight == 0 only one term exists and the backward always just scales. Decidin
 the two needs the upstream values on the host: on CUDA that is one synchronisation in the
 backward (and one in the forward, for the label check and the count of valid tokens).
 No gradient flows to h_t or w_head_t (the teacher is frozen).
+
+Validation: ``distill_head`` checks its Python arguments (tensor types before dispatch, the
+scalars it converts: ``check_options``); the op checks the tensors its kernel reads through
+raw pointers, once per call, whoever calls it.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -51,8 +56,6 @@ from .. import _ext
 
 _OP = "distill_head"
 IGNORE_INDEX = -100
-_DTYPES_CPU = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_DTYPES_CUDA = (torch.float32, torch.float16, torch.bfloat16)
 _REDUCTIONS = ("batchmean", "token")
 
 # Bytes for the chunk's logits buffers (student + teacher) when chunk_size is not given.
@@ -72,9 +75,9 @@ def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: T
                            kl_reduction: str = "batchmean", batch_size: int | None = None,
                            tau_squared: bool = False):
     """Plain PyTorch with full N x V logits: the oracle for the fused op."""
-    if kl_reduction not in _REDUCTIONS:
-        raise ValueError(f"distill_head: kl_reduction must be 'batchmean' or 'token', got {kl_reduction!r}")
-    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
+                  batch_size=batch_size)
+    acc = _ext.acc_dtype(h_s.dtype)
     valid = labels != IGNORE_INDEX
     n_valid = valid.sum()
     z_s = (h_s @ (w_head_t @ p_head).t()).to(acc)
@@ -95,10 +98,33 @@ def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: T
 
 # ----------------------------------------------------------------------------- checks
 
-def _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size):
+def _err(msg: str) -> ValueError:
+    return ValueError(f"lrc_ext.{_OP}: {msg}")
+
+
+def _positive_int(name: str, v):
+    if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+        raise _err(f"argument '{name}' must be a positive int or None, got {v!r}")
+
+
+def check_options(*, tau: float = 1.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
+                  kl_reduction: str = "batchmean", batch_size: int | None = None, chunk_size: int | None = None):
+    """The one check of the head's scalar options (also run by LowRankClone's constructor)."""
+    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
+        raise _err(f"argument 'tau' must be a positive finite number, got {tau!r}")
+    for name, w in (("lm_weight", lm_weight), ("kl_weight", kl_weight)):
+        if not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise _err(f"argument '{name}' must be a finite number, got {w!r}")
+    if kl_reduction not in _REDUCTIONS:
+        raise _err(f"argument 'kl_reduction' must be 'batchmean' or 'token', got {kl_reduction!r}")
+    _positive_int("batch_size", batch_size)
+    _positive_int("chunk_size", chunk_size)
+
+
+def _check_tensors(h_s, h_t, w_head_t, p_head, labels):
+    """The op's tensor contract: ranks, one dtype the kernel takes, one device, the shapes."""
     _ext.check(_OP, "h_s", h_s, ndim=2)
-    dtypes = _DTYPES_CUDA if h_s.device.type == "cuda" else _DTYPES_CPU
-    _ext.check(_OP, "h_s", h_s, dtypes=dtypes)
+    _ext.check(_OP, "h_s", h_s, dtypes=_ext.dtypes_for(h_s))
     dev = h_s.device
     _ext.check(_OP, "h_t", h_t, ndim=2, dtypes=(h_s.dtype,), device=dev)
     _ext.check(_OP, "w_head_t", w_head_t, ndim=2, dtypes=(h_s.dtype,), device=dev)
@@ -107,26 +133,14 @@ def _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_red
     n, d_s = h_s.shape
     v, d_t = w_head_t.shape
     if tuple(p_head.shape) != (d_t, d_s):
-        raise ValueError(f"lrc_ext.{_OP}: argument 'p_head' must have shape (d_T, d_S) = ({d_t}, {d_s}) "
-                         f"from w_head_t {tuple(w_head_t.shape)} and h_s {tuple(h_s.shape)}, got {tuple(p_head.shape)}")
+        raise _err(f"argument 'p_head' must have shape (d_T, d_S) = ({d_t}, {d_s}) "
+                   f"from w_head_t {tuple(w_head_t.shape)} and h_s {tuple(h_s.shape)}, got {tuple(p_head.shape)}")
     if tuple(h_t.shape) != (n, d_t):
-        raise ValueError(f"lrc_ext.{_OP}: argument 'h_t' must have shape (N, d_T) = ({n}, {d_t}), "
-                         f"got {tuple(h_t.shape)}")
+        raise _err(f"argument 'h_t' must have shape (N, d_T) = ({n}, {d_t}), got {tuple(h_t.shape)}")
     if labels.shape[0] != n:
-        raise ValueError(f"lrc_ext.{_OP}: argument 'labels' must have shape (N,) = ({n},), got {tuple(labels.shape)}")
+        raise _err(f"argument 'labels' must have shape (N,) = ({n},), got {tuple(labels.shape)}")
     if v < 1:
-        raise ValueError(f"lrc_ext.{_OP}: argument 'w_head_t' has an empty vocabulary (shape {tuple(w_head_t.shape)})")
-    if not isinstance(tau, (int, float)) or not math.isfinite(tau) or tau <= 0:
-        raise ValueError(f"lrc_ext.{_OP}: argument 'tau' must be a positive finite number, got {tau!r}")
-    for name, w in (("lm_weight", lm_weight), ("kl_weight", kl_weight)):
-        if not isinstance(w, (int, float)) or not math.isfinite(w):
-            raise ValueError(f"lrc_ext.{_OP}: argument '{name}' must be a finite number, got {w!r}")
-    if kl_reduction not in _REDUCTIONS:
-        raise ValueError(f"lrc_ext.{_OP}: argument 'kl_reduction' must be 'batchmean' or 'token', got {kl_reduction!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1):
-        raise ValueError(f"lrc_ext.{_OP}: argument 'batch_size' must be a positive int or None, got {batch_size!r}")
-    if chunk_size is not None and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1):
-        raise ValueError(f"lrc_ext.{_OP}: argument 'chunk_size' must be a positive int or None, got {chunk_size!r}")
+        raise _err(f"argument 'w_head_t' has an empty vocabulary (shape {tuple(w_head_t.shape)})")
 
 
 def _label_stats(labels: Tensor, vocab: int) -> int:
@@ -267,20 +281,19 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
              lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None, tau_squared: bool,
              chunk_size: int, need_h: bool, need_p: bool, record: bool = True):
     """(lm, kl, grad_h_s, grad_p_head) with the gradients of lm + kl (fp32; fp64 for fp64)."""
-    acc = torch.float64 if h_s.dtype == torch.float64 else torch.float32
+    acc = _ext.acc_dtype(h_s.dtype)
     n, d_s = h_s.shape
     vocab, d_t = w_head_t.shape
     dev = h_s.device
-    n_valid = _label_stats(labels, vocab)
+    n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
     do_ce, do_kl = lm_weight != 0.0, kl_weight != 0.0 and h_t is not None
     need_grad = need_h or need_p
     zero = torch.zeros((), dtype=acc, device=dev)
     g_h = torch.zeros((n, d_s) if need_h else (0,), dtype=acc, device=dev)
     g_p = torch.zeros((d_t, d_s) if need_p else (0,), dtype=acc, device=dev)
-    plan = dict(rows=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0, teacher=do_kl)
     if record:
         last_plan.clear()
-        last_plan.update(plan)
+        last_plan.update(rows=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0, teacher=do_kl)
     if n_valid == 0 or not (do_ce or do_kl):
         return zero, zero.clone(), g_h, g_p
 
@@ -292,85 +305,105 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     else:
         idx, hs, lab, ht = None, h_s, labels.contiguous(), (h_t if do_kl else None)
 
-    # Coefficients of the gradient written by the kernel. fp16 buffers get a power-of-two
-    # prescale (undone in fp32 by the GEMMs' alpha) that brings the larger coefficient to
-    # [1, 2), so that small gradients (lm_weight / N, tiny probabilities) do not flush to 0.
     denom = float(n_valid) if kl_reduction == "token" else float(batch_size if batch_size is not None else 1)
     kl_scale = kl_weight / denom * (tau * tau if tau_squared else 1.0)
     lm_coef = lm_weight / n_valid if do_ce else 0.0
     kl_coef = kl_scale / tau if do_kl else 0.0
-    prescale = 1.0
-    if h_s.dtype == torch.float16 and need_grad:
-        big = max(abs(lm_coef), abs(kl_coef))
-        prescale = 2.0 ** (-math.floor(math.log2(big)))
-    alpha = 1.0 / prescale
+    prescale = _fp16_prescale(h_s.dtype, lm_coef, kl_coef) if need_grad else 1.0
 
     rows = plan_chunk(n_valid, vocab, h_s.dtype, dev, do_kl, chunk_size or None)
-    n_chunks = -(-n_valid // rows)
     zs_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
     zt_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev) if do_kl else None
-    if record:
-        last_plan.update(chunk_rows=rows, n_chunks=n_chunks,
-                         buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
     ce_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_ce else None
     kl_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_kl else None
     gh_v = g_h if (need_h and idx is None) else (torch.empty(n_valid, d_s, dtype=acc, device=dev) if need_h else None)
     mode = _backward_gemms(n_valid, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
+    grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows)
     if record:
-        last_plan["backward_gemms"] = mode
-    g_w = torch.zeros(vocab, d_s, dtype=acc, device=dev) if (need_p and mode == "student") else None
-    if mode == "teacher":
-        x_buf = torch.empty(rows, d_t, dtype=acc, device=dev)
-        split = SPLIT_SMALL_GEMMS if SPLIT_SMALL_GEMMS is not None else dev.type == "cuda"
-        small = h_s.dtype if split else acc  # dtype of the small GEMMs' operands
-        p_small = p_head.to(small)
+        last_plan.update(chunk_rows=rows, n_chunks=-(-n_valid // rows), backward_gemms=mode,
+                         buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
 
     w_s = w_head_t @ p_head  # (V, d_S), once
-    ctx = torch.cuda.device(dev) if dev.type == "cuda" else _nullctx()
-    with ctx:
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for r0 in range(0, n_valid, rows):
             r1 = min(n_valid, r0 + rows)
-            m = r1 - r0
-            zs = zs_buf[:m]
+            zs = zs_buf[:r1 - r0]
             torch.mm(hs[r0:r1], w_s.t(), out=zs)
             zt = None
             if do_kl:
-                zt = zt_buf[:m]
+                zt = zt_buf[:r1 - r0]
                 torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
             _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale, kl_coef * prescale,
                          ce_rows[r0:r1] if do_ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
-            if mode == "student":
-                # grad h_s = g @ W_S; grad W_S += g.T @ h_s (fp32 accumulator, V x d_S)
-                if need_h:
-                    _gemm(gh_v[r0:r1], zs, w_s, alpha, accumulate=False)
-                if need_p:
-                    _gemm(g_w, zs.t(), hs[r0:r1], alpha, accumulate=True)
-            elif mode == "teacher":
-                # X = g @ W_T (m x d_T, fp32) once; grad h_s = X @ P; grad P += X.T @ h_s. X keeps
-                # the fp16 prescale until the small GEMMs. On GPUs those run on tensor cores with
-                # X split as hi + lo in the input dtype (X to ~16 bits, twice the small FLOPs).
-                x = x_buf[:m]
-                _gemm(x, zs, w_head_t, 1.0, accumulate=False)
-                parts = _split(x, small)
-                h_c = hs[r0:r1].to(small)
-                for j, xs in enumerate(parts):
-                    if need_h:
-                        _gemm(gh_v[r0:r1], xs, p_small, alpha, accumulate=j > 0)
-                    if need_p:
-                        _gemm(g_p, xs.t(), h_c, alpha, accumulate=True)
+            grads.add(zs, hs[r0:r1], w_s, r0, r1)  # zs now holds the logits gradient g
     del zs_buf, zt_buf, w_s
     if need_h and idx is not None:
         g_h.index_copy_(0, idx, gh_v)
-    if need_p and mode == "student":
-        if w_head_t.dtype == acc:
-            torch.mm(w_head_t.t(), g_w, out=g_p)
-        elif dev.type == "cpu":
-            g_p.addmm_(w_head_t.t().to(acc), g_w, beta=0.0)
-        else:
-            _gemm(g_p, w_head_t.t(), g_w.to(w_head_t.dtype), 1.0, accumulate=False)
+    grads.finish()
     lm = ce_rows.sum() * (lm_weight / n_valid) if do_ce else zero
     kl = kl_rows.sum() * kl_scale if do_kl else zero.clone()
     return lm, kl, g_h, g_p
+
+
+def _fp16_prescale(dtype: torch.dtype, lm_coef: float, kl_coef: float) -> float:
+    """fp16 gradient buffers get a power-of-two prescale (undone in fp32 by the GEMMs' alpha)
+    that brings the larger coefficient to [1, 2), so that small gradients (lm_weight / N, tiny
+    probabilities) do not flush to 0. 1 for every other dtype."""
+    if dtype != torch.float16:
+        return 1.0
+    return 2.0 ** (-math.floor(math.log2(max(abs(lm_coef), abs(kl_coef)))))
+
+
+class _HeadGrads:
+    """The GEMMs that take grad h_s and grad P_head out of each chunk's logits gradient g, in
+    the mode _backward_gemms chose (see BACKWARD_GEMMS). g_h: the valid rows' grad h_s (or
+    None); g_p: grad P_head, both fp32 (fp64 for fp64); alpha undoes the fp16 prescale."""
+
+    def __init__(self, mode: str, g_h: Tensor | None, g_p: Tensor, w_head_t: Tensor, p_head: Tensor,
+                 need_h: bool, need_p: bool, alpha: float, rows: int):
+        self.mode, self.g_h, self.g_p, self.w_head_t = mode, g_h, g_p, w_head_t
+        self.need_h, self.need_p, self.alpha = need_h, need_p, alpha
+        acc, dev = g_p.dtype, g_p.device
+        vocab, d_t = w_head_t.shape
+        self.g_w = torch.zeros(vocab, p_head.shape[1], dtype=acc, device=dev) if need_p and mode == "student" else None
+        if mode == "teacher":
+            self.x_buf = torch.empty(rows, d_t, dtype=acc, device=dev)
+            split = SPLIT_SMALL_GEMMS if SPLIT_SMALL_GEMMS is not None else dev.type == "cuda"
+            self.small = w_head_t.dtype if split else acc  # dtype of the small GEMMs' operands
+            self.p_small = p_head.to(self.small)
+
+    def add(self, g: Tensor, hs: Tensor, w_s: Tensor, r0: int, r1: int):
+        alpha = self.alpha
+        if self.mode == "student":
+            # grad h_s = g @ W_S; grad W_S += g.T @ h_s (fp32 accumulator, V x d_S)
+            if self.need_h:
+                _gemm(self.g_h[r0:r1], g, w_s, alpha, accumulate=False)
+            if self.need_p:
+                _gemm(self.g_w, g.t(), hs, alpha, accumulate=True)
+        elif self.mode == "teacher":
+            # X = g @ W_T (m x d_T, fp32) once; grad h_s = X @ P; grad P += X.T @ h_s. X keeps
+            # the fp16 prescale until the small GEMMs. On GPUs those run on tensor cores with
+            # X split as hi + lo in the input dtype (X to ~16 bits, twice the small FLOPs).
+            x = self.x_buf[:r1 - r0]
+            _gemm(x, g, self.w_head_t, 1.0, accumulate=False)
+            h_c = hs.to(self.small)
+            for j, xs in enumerate(_split(x, self.small)):
+                if self.need_h:
+                    _gemm(self.g_h[r0:r1], xs, self.p_small, alpha, accumulate=j > 0)
+                if self.need_p:
+                    _gemm(self.g_p, xs.t(), h_c, alpha, accumulate=True)
+
+    def finish(self):
+        """"student" mode: grad P_head = W_T.T @ grad W_S, once."""
+        if self.g_w is None:
+            return
+        w, g_p = self.w_head_t, self.g_p
+        if w.dtype == g_p.dtype:
+            torch.mm(w.t(), self.g_w, out=g_p)
+        elif g_p.device.type == "cpu":
+            g_p.addmm_(w.t().to(g_p.dtype), self.g_w, beta=0.0)
+        else:
+            _gemm(g_p, w.t(), self.g_w.to(w.dtype), 1.0, accumulate=False)
 
 
 def _split(x: Tensor, dtype: torch.dtype) -> list:
@@ -381,14 +414,6 @@ def _split(x: Tensor, dtype: torch.dtype) -> list:
     return [hi, (x - hi.to(x.dtype)).to(dtype)]
 
 
-class _nullctx:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 @torch.library.custom_op("lrc_ext::distill_head", mutates_args=())
@@ -397,19 +422,15 @@ def _distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, la
                   chunk_size: int, need_grad_h: bool, need_grad_p: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lm, kl, grad_h, grad_p): the losses and the gradients of lm + kl w.r.t. h_s and
     p_head (fp32, fp64 for fp64; empty when not asked for). chunk_size 0 = automatic."""
-    _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size or None)
+    _check_tensors(h_s, h_t, w_head_t, p_head, labels)
     return _compute(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size,
                     tau_squared, chunk_size, need_grad_h, need_grad_p)
-
-
-def _acc_dtype(t: Tensor) -> torch.dtype:
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
 @_distill_head.register_fake
 def _(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
       chunk_size, need_grad_h, need_grad_p):
-    acc = _acc_dtype(h_s)
+    acc = _ext.acc_dtype(h_s.dtype)
     return (h_s.new_empty((), dtype=acc), h_s.new_empty((), dtype=acc),
             h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,), dtype=acc),
             p_head.new_empty(tuple(p_head.shape) if need_grad_p else (0,), dtype=acc))
@@ -483,7 +504,9 @@ def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, lab
     N, V and free memory). lm_weight == 0 skips the CE; kl_weight == 0 skips the teacher
     GEMM (h_t is then not read).
     """
-    _check(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, chunk_size)
+    _ext.check_tensors(_OP, h_s=h_s, h_t=h_t, w_head_t=w_head_t, p_head=p_head, labels=labels)
+    check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
+                  batch_size=batch_size, chunk_size=chunk_size)
     grad_on = torch.is_grad_enabled()
     need_h = grad_on and h_s.requires_grad
     need_p = grad_on and p_head.requires_grad
