@@ -1,7 +1,7 @@
 """Data-aware initialisation of a LowRankClone: the student starts inside the teacher's principal
 subspace (``LowRankClone(..., init="pca", calibration=input_ids)``).
 
-The math (shapes as in LRC_SPEC.md; rows are tokens):
+The math (shapes as in docs/DESIGN.md, "The pca init"; rows are tokens):
 
 * **One residual basis.** The student's residual stream is shared by every layer (the embedding,
   every o and down projection write into it), so it gets one orthonormal basis ``U`` (d_T x d_S):
@@ -43,6 +43,7 @@ import torch
 from torch import Tensor
 
 from . import families as fam
+from . import model as _model
 from .families import KINDS
 
 INITS = ("normal", "pca")
@@ -119,33 +120,6 @@ def _rms_normalize(x: Tensor, eps: float) -> Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
 
 
-class _Lockstep:
-    """The batch layout the model's own forward uses: valid rows only, scattered back for attention."""
-
-    def __init__(self, model, ids, mask):
-        B, S = ids.shape
-        self.B, self.S = B, S
-        if mask is None or bool(mask.all()):
-            self.rows, self.pos = None, torch.arange(S, device=ids.device).expand(B, S)
-        else:
-            self.rows = mask.reshape(-1).nonzero().squeeze(1)
-            self.pos = (mask.cumsum(-1) - 1).clamp(min=0)
-
-    def pick(self, z):
-        z = z.reshape(self.B * self.S, z.shape[-1])
-        return z if self.rows is None else z.index_select(0, self.rows)
-
-    def unpick(self, z):
-        if self.rows is not None:
-            z = z.new_zeros(self.B * self.S, z.shape[-1]).index_copy(0, self.rows, z)
-        return z.view(self.B, self.S, -1)
-
-
-def _teacher_layer(tl, x_t, mask, pos, cos_sin):
-    out = tl(x_t, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-    return out[0] if isinstance(out, tuple) else out
-
-
 # ---- the init -------------------------------------------------------------------------------
 @torch.no_grad()
 def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normalized", progress: bool = True):
@@ -153,13 +127,13 @@ def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normal
     (float64, d_T x d_T) and its eigen-decomposition (eigenvalues descending, eigenvectors)."""
     if basis not in BASES:
         raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
-    t, base = model.teacher, model.teacher.model
-    lk = _Lockstep(model, ids, mask)
-    d_t = t.config.hidden_size
+    base = model.teacher.model
+    walk = _model.LayerWalk(model, ids, mask)
+    d_t = model.teacher.config.hidden_size
     G = torch.zeros(d_t, d_t, dtype=torch.float64, device=ids.device)
 
     def add(x, norm):
-        x = lk.pick(x).double()
+        x = walk.pick(x).double()
         if basis != "raw":
             x = _rms_normalize(x, 0.0)
         if basis == "read":
@@ -173,11 +147,9 @@ def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normal
             hooks.append(norm.register_forward_pre_hook(lambda m, a, norm=norm: add(a[0], norm)))
     bar = _bar(len(base.layers), "pca init: teacher stream", progress)
     try:
-        x_t = base.embed_tokens(ids)
-        fmask = fam.causal_mask(t, x_t, mask, lk.pos)
-        cos_sin = base.rotary_emb(x_t, lk.pos)
+        x_t = walk.e_t
         for tl in base.layers:
-            x_t = _teacher_layer(tl, x_t, fmask, lk.pos, cos_sin)
+            x_t = walk.teacher_layer(tl, x_t)
             bar.update(1)
         add(x_t, base.norm)
     finally:
@@ -208,145 +180,147 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
         raise ValueError(f"init_options: ridge must be a number >= 0, got {ridge!r}")
     ids, mask = as_batch(calibration, attention_mask)
     ids, mask, _ = model._check_inputs(ids, mask, None)
-    d_t, d_s = model.teacher.config.hidden_size, model.student_hidden_size
+    d_s = model.student_hidden_size
     n_tok = count_tokens(ids, mask)
     if n_tok < d_s:
         raise ValueError(f"calibration: {n_tok} tokens are too few for init='pca' at student_hidden_size={d_s}: "
                          f"the principal subspace needs at least as many tokens as the width (a few thousand "
                          f"recommended)")
-
-    t, base = model.teacher, model.teacher.model
-    dev = ids.device
-    f64 = dict(dtype=torch.float64, device=dev)
     evals, evecs = eigen if eigen is not None else residual_basis(model, ids, mask, basis, progress)
     energy = float(evals[:d_s].clamp(min=0).sum() / evals.clamp(min=0).sum().clamp(min=1e-300))
-    U = evecs[:, :d_s].to(**f64)
-    g_f = base.norm.weight.detach().double()
+    U = evecs[:, :d_s].to(dtype=torch.float64, device=ids.device)
+    g_f = model.teacher.model.norm.weight.detach().double()
     lam, R = torch.linalg.eigh(U.T @ (g_f[:, None] * U))  # rotate inside the span: diag(g_f) is diagonal
     U = U @ R
+    _set(model.p_emb, U)
 
-    def set_(p, v):
-        p.copy_(v.to(p.dtype))
-
-    set_(model.p_emb, U)
-    lk = _Lockstep(model, ids, mask)
-    pick = lk.pick
-    cap: dict = {}
-    hooks = []
-    rep_fit = {"in": [], "out": []}
-
-    def norm_scale(snorm, tnorm, x_s, target):
-        # student norm weight s (scalar): s * rms-normalised x_S @ U.T * g  ~  a_T
-        z = _rms_normalize(x_s.double(), snorm.variance_epsilon) @ U.T * tnorm.weight.detach().double()
-        set_(snorm.weight, torch.full((d_s,), _scalar(z, target), **f64))
-
-    def fit_in(sl, kinds, tnorm, a_s, a_t):
-        P0T = U.T * tnorm.weight.detach().double()  # (diag(g) @ U).T
-        PT = _ridge(a_s.double(), a_t, P0T, ridge) if refit else P0T
-        for k in kinds:
-            set_(getattr(sl, k).proj, PT.T)
-        if refit:
-            rep_fit["in"].append(_rel_err(a_s.double() @ PT, a_t))
-
-    def fit_out(lin, inp, target, x_now, x_t_now):
-        X = inp.double() @ lin.teacher.weight.detach().double().T  # (N, d_T): the teacher's W on the student input
-        Y = target @ U
-        if correct:  # also pull the stream back towards x_T @ U: target (x_T + o_T) @ U - x_S
-            Y = Y + (x_t_now @ U - x_now.double())
-        P = _ridge(X, Y, U, ridge) if refit else U
-        set_(lin.proj, P)
-        if refit:
-            rep_fit["out"].append(_rel_err(X @ P, Y))
-
-    layers = list(zip(model.layers, base.layers))
-    bar = _bar(len(layers), f"pca init: {'refit' if refit else 'set'} layers", progress)
+    walk = _model.LayerWalk(model, ids, mask)
+    fit = _LayerFits(U, walk.pick, ridge, refit, correct)
+    bar = _bar(len(model.layers), f"pca init: {'refit' if refit else 'set'} layers", progress)
     try:
-        x_t = base.embed_tokens(ids)
-        fmask = fam.causal_mask(t, x_t, mask, lk.pos)
-        cos_sin = base.rotary_emb(x_t, lk.pos)
-        x_s = pick(x_t) @ model.p_emb
-        for sl, tl in layers:
-            # teacher: what its linears read and write in this layer
-            th = [tl.get_submodule(KINDS["q"][0]).register_forward_pre_hook(
-                      lambda m, a: cap.__setitem__("a_t", pick(a[0]).double())),
-                  tl.get_submodule(KINDS["gate"][0]).register_forward_pre_hook(
-                      lambda m, a: cap.__setitem__("b_t", pick(a[0]).double())),
-                  tl.input_layernorm.register_forward_pre_hook(
-                      lambda m, a: cap.__setitem__("x_t", pick(a[0]).double())),
-                  tl.post_attention_layernorm.register_forward_pre_hook(
-                      lambda m, a: cap.__setitem__("x_t_mid", pick(a[0]).double())),
-                  tl.get_submodule(KINDS["o"][0]).register_forward_hook(
-                      lambda m, a, o: cap.__setitem__("o_t", pick(o).double())),
-                  tl.get_submodule(KINDS["down"][0]).register_forward_hook(
-                      lambda m, a, o: cap.__setitem__("dn_t", pick(o).double()))]
-            try:
-                x_t = _teacher_layer(tl, x_t, fmask, lk.pos, cos_sin)
+        x_t = walk.e_t
+        x_s = walk.pick(x_t) @ model.p_emb
+        for sl, tl in zip(model.layers, model.teacher.model.layers):
+            hooks = fit.hooks(sl, tl, x_s)
+            try:  # the forward's own lockstep layer, no clone targets: the hooks fit as it runs
+                x_s, x_t = walk.step(sl, tl, x_s, x_t, (), {})
             finally:
-                for h in th:
+                for h in hooks:
                     h.remove()
-            # student: each projection fitted from its actual input just before it is used
-            done = set()
-
-            def pre(kind):
-                def hook(m, args):
-                    a = args[0]
-                    if kind in ("q", "k", "v"):
-                        if "qkv" not in done:
-                            done.add("qkv")
-                            fit_in(sl, ("q", "k", "v"), tl.input_layernorm, a, cap["a_t"])
-                    elif kind in ("gate", "up"):
-                        if "gu" not in done:
-                            done.add("gu")
-                            fit_in(sl, ("gate", "up"), tl.post_attention_layernorm, a, cap["b_t"])
-                    elif kind == "o":
-                        fit_out(m, a, cap["o_t"], cap["x_s"], cap["x_t"])
-                    else:
-                        fit_out(m, a, cap["dn_t"], cap["x_mid"], cap["x_t_mid"])
-                return hook
-
-            sh = [getattr(sl, k).register_forward_pre_hook(pre(k)) for k in KINDS]
-            sh.append(sl.input_layernorm.register_forward_pre_hook(
-                lambda m, a, tl=tl: norm_scale(m, tl.input_layernorm, a[0], cap["a_t"])))
-            def mid(m, a, tl=tl):  # a pre-hook's return value would replace the norm's input: none
-                cap["x_mid"] = a[0]
-                norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])
-            sh.append(sl.post_attention_layernorm.register_forward_pre_hook(mid))
-            cap["x_s"] = x_s
-            try:
-                x_s = model._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, None, {}, pick, lk.unpick,
-                                           (lk.B, lk.S), fmask, cos_sin, lk.pos)
-            finally:
-                for h in sh:
-                    h.remove()
-            cap.clear()
+            fit.cap.clear()
             bar.update(1)
-        # final norm and head
-        h_t = base.norm(pick(x_t)).double()
-        n_s = _rms_normalize(x_s.double(), model.norm.variance_epsilon)
-        if model.p_head is None:  # tied: P_head = P_emb = U; the final norm weight by least squares on logits
-            W = t.get_output_embeddings().weight.detach().float()
-            CU = (W.T @ W).double() @ U  # (d_T, d_S) = W.T W U
-            Gs = (n_s.T @ n_s) * (U.T @ CU)
-            b = ((h_t @ CU) * n_s).sum(0)
-            s0 = lam.to(**f64) * _scalar(n_s * lam.to(**f64) @ U.T, h_t)
-            lam_r = max(ridge * float(Gs.diagonal().mean()), 1e-12)
-            s_f = torch.linalg.solve(Gs + lam_r * torch.eye(d_s, **f64), b + lam_r * s0)
-            set_(model.norm.weight, s_f)
-        else:
-            s = _scalar(n_s @ U.T * g_f, h_t)
-            set_(model.norm.weight, torch.full((d_s,), s, **f64))
-            P0T = U.T * g_f
-            PT = _ridge(n_s * s, h_t, P0T, ridge) if refit else P0T
-            set_(model.p_head, PT.T)
+        _fit_head(model, U, lam, g_f, x_s, walk.pick(x_t), ridge, refit)
     finally:
         bar.close()
     out = {"init": "pca", "tokens": n_tok, "sequences": int(ids.shape[0]), "seconds": time.perf_counter() - t0,
            "energy_fraction": energy, "basis": basis, "refit": bool(refit), "ridge": float(ridge),
            "tied_head": model.p_head is None}
     if refit:
-        out["fit_rel_err_in"] = float(sum(rep_fit["in"]) / max(1, len(rep_fit["in"])))
-        out["fit_rel_err_out"] = float(sum(rep_fit["out"]) / max(1, len(rep_fit["out"])))
+        out["fit_rel_err_in"] = float(sum(fit.rel["in"]) / max(1, len(fit.rel["in"])))
+        out["fit_rel_err_out"] = float(sum(fit.rel["out"]) / max(1, len(fit.rel["out"])))
     return out
+
+
+def _set(p, v):
+    p.copy_(v.to(p.dtype))
+
+
+class _LayerFits:
+    """One layer's fits, run from forward hooks while the walk steps that layer: the teacher's
+    hooks capture what its linears read and write (``cap``), then the student's set each
+    projection and norm from its actual input just before the student uses it."""
+
+    def __init__(self, U: Tensor, pick, ridge: float, refit: bool, correct: bool):
+        self.U, self.pick, self.ridge, self.refit, self.correct = U, pick, ridge, refit, correct
+        self.cap: dict = {}
+        self.rel = {"in": [], "out": []}  # relative residuals of the refits
+
+    def norm_scale(self, snorm, tnorm, x_s, target):
+        # student norm weight s (scalar): s * rms-normalised x_S @ U.T * g  ~  a_T
+        z = _rms_normalize(x_s.double(), snorm.variance_epsilon) @ self.U.T * tnorm.weight.detach().double()
+        _set(snorm.weight, torch.full((self.U.shape[1],), _scalar(z, target), dtype=torch.float64, device=z.device))
+
+    def fit_in(self, sl, kinds, tnorm, a_s, a_t):
+        P0T = self.U.T * tnorm.weight.detach().double()  # (diag(g) @ U).T
+        PT = _ridge(a_s.double(), a_t, P0T, self.ridge) if self.refit else P0T
+        for k in kinds:
+            _set(getattr(sl, k).proj, PT.T)
+        if self.refit:
+            self.rel["in"].append(_rel_err(a_s.double() @ PT, a_t))
+
+    def fit_out(self, lin, inp, target, x_now, x_t_now):
+        U = self.U
+        X = inp.double() @ lin.teacher.weight.detach().double().T  # (N, d_T): the teacher's W on the student input
+        Y = target @ U
+        if self.correct:  # also pull the stream back towards x_T @ U: target (x_T + o_T) @ U - x_S
+            Y = Y + (x_t_now @ U - x_now.double())
+        P = _ridge(X, Y, U, self.ridge) if self.refit else U
+        _set(lin.proj, P)
+        if self.refit:
+            self.rel["out"].append(_rel_err(X @ P, Y))
+
+    def hooks(self, sl, tl, x_s) -> list:
+        """Registers this layer's hooks (teacher layer tl, student layer sl with input x_s)."""
+        cap, pick = self.cap, self.pick
+        cap["x_s"] = x_s
+
+        def keep(name, output=False):  # teacher: record a linear's (or norm's) input, or its output
+            if output:
+                return lambda m, a, o: cap.__setitem__(name, pick(o).double())
+            return lambda m, a: cap.__setitem__(name, pick(a[0]).double())
+        hs = [tl.get_submodule(KINDS["q"][0]).register_forward_pre_hook(keep("a_t")),
+              tl.get_submodule(KINDS["gate"][0]).register_forward_pre_hook(keep("b_t")),
+              tl.input_layernorm.register_forward_pre_hook(keep("x_t")),
+              tl.post_attention_layernorm.register_forward_pre_hook(keep("x_t_mid")),
+              tl.get_submodule(KINDS["o"][0]).register_forward_hook(keep("o_t", True)),
+              tl.get_submodule(KINDS["down"][0]).register_forward_hook(keep("dn_t", True))]
+        done = set()
+
+        def pre(kind):  # student: fit the projection from its actual input
+            def hook(m, args):
+                a = args[0]
+                if kind in ("q", "k", "v") and "qkv" not in done:
+                    done.add("qkv")
+                    self.fit_in(sl, ("q", "k", "v"), tl.input_layernorm, a, cap["a_t"])
+                elif kind in ("gate", "up") and "gu" not in done:
+                    done.add("gu")
+                    self.fit_in(sl, ("gate", "up"), tl.post_attention_layernorm, a, cap["b_t"])
+                elif kind == "o":
+                    self.fit_out(m, a, cap["o_t"], cap["x_s"], cap["x_t"])
+                elif kind == "down":
+                    self.fit_out(m, a, cap["dn_t"], cap["x_mid"], cap["x_t_mid"])
+            return hook
+
+        def mid(m, a):  # a pre-hook's return value would replace the norm's input: none
+            cap["x_mid"] = a[0]
+            self.norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])
+        hs += [getattr(sl, k).register_forward_pre_hook(pre(k)) for k in KINDS]
+        hs.append(sl.input_layernorm.register_forward_pre_hook(
+            lambda m, a: self.norm_scale(m, tl.input_layernorm, a[0], cap["a_t"])))
+        hs.append(sl.post_attention_layernorm.register_forward_pre_hook(mid))
+        return hs
+
+
+def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
+    """The final norm and the head from the last layer's outputs (x_s the student's, h_t_in the
+    teacher's valid rows before its final norm)."""
+    t, d_s = model.teacher, U.shape[1]
+    f64 = dict(dtype=torch.float64, device=U.device)
+    h_t = t.model.norm(h_t_in).double()
+    n_s = _rms_normalize(x_s.double(), model.norm.variance_epsilon)
+    if model.p_head is None:  # tied: P_head = P_emb = U; the final norm weight by least squares on logits
+        W = t.get_output_embeddings().weight.detach().float()
+        CU = (W.T @ W).double() @ U  # (d_T, d_S) = W.T W U
+        Gs = (n_s.T @ n_s) * (U.T @ CU)
+        b = ((h_t @ CU) * n_s).sum(0)
+        s0 = lam.to(**f64) * _scalar(n_s * lam.to(**f64) @ U.T, h_t)
+        lam_r = max(ridge * float(Gs.diagonal().mean()), 1e-12)
+        _set(model.norm.weight, torch.linalg.solve(Gs + lam_r * torch.eye(d_s, **f64), b + lam_r * s0))
+    else:
+        s = _scalar(n_s @ U.T * g_f, h_t)
+        _set(model.norm.weight, torch.full((d_s,), s, **f64))
+        P0T = U.T * g_f
+        _set(model.p_head, (_ridge(n_s * s, h_t, P0T, ridge) if refit else P0T).T)
 
 
 def _rel_err(a: Tensor, b: Tensor) -> float:

@@ -1,8 +1,9 @@
-"""LowRankClone: a student cloned from a frozen stock transformers teacher (LRC_SPEC.md).
+"""LowRankClone: a student cloned from a frozen stock transformers teacher (docs/DESIGN.md).
 
-Teacher (no_grad, its own decoder layers) and student run layer by layer in lockstep, so only
-one layer's clone targets are alive at a time. The student's math lives in one code path; the
-only calls that change with ``fused`` are ``clone_linear`` and ``distill_head``.
+Teacher (no_grad, its own decoder layers) and student run layer by layer in lockstep
+(``LayerWalk``, shared with the pca init), so only one layer's clone targets are alive at a
+time. The student's math lives in one code path; the only calls that change with ``fused``
+are ``clone_linear`` and ``distill_head``.
 
 Padding: the student works on the valid (attention_mask == 1) tokens only, packed into rows;
 they are scattered back to (B, S, .) just for attention. Padded tokens therefore count in no
@@ -73,6 +74,56 @@ def _capture(layer: nn.Module, kinds):
     finally:
         for h in hooks:
             h.remove()
+
+
+class LayerWalk:
+    """One batch through teacher and student, one decoder layer at a time.
+
+    Holds what every layer shares: the layout (the student works on the valid rows only, N of
+    B * S; ``pick`` gathers them, ``unpick`` scatters them back, padding 0, for attention), the
+    teacher's embeddings ``e_t`` (its layer-0 input), causal mask and RoPE. ``step`` is one
+    lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
+    """
+
+    def __init__(self, model: "LowRankClone", input_ids: Tensor, attention_mask: Tensor | None):
+        self.model = model
+        self.B, self.S = B, S = input_ids.shape
+        if attention_mask is None or bool(attention_mask.all()):
+            self.rows, self.pos = None, torch.arange(S, device=input_ids.device).expand(B, S)
+        else:
+            self.rows = attention_mask.reshape(-1).nonzero().squeeze(1)
+            self.pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
+        base = model.teacher.model
+        with torch.no_grad():
+            self.e_t = base.embed_tokens(input_ids)
+            self.mask = fam.causal_mask(model.teacher, self.e_t, attention_mask, self.pos)
+            self.cos_sin = base.rotary_emb(self.e_t, self.pos)
+
+    def pick(self, z: Tensor) -> Tensor:
+        """(B, S, w) -> the valid rows (N, w)."""
+        z = z.reshape(self.B * self.S, z.shape[-1])
+        return z if self.rows is None else z.index_select(0, self.rows)
+
+    def unpick(self, z: Tensor) -> Tensor:
+        """(N, w) -> (B, S, w), padded rows 0."""
+        if self.rows is not None:
+            z = z.new_zeros(self.B * self.S, z.shape[-1]).index_copy(0, self.rows, z)
+        return z.view(self.B, self.S, -1)
+
+    @torch.no_grad()
+    def teacher_layer(self, tl: nn.Module, x_t: Tensor) -> Tensor:
+        out = tl(x_t, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self.cos_sin)
+        return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
+
+    def step(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds, clone: dict):
+        """The teacher's layer (no grad, the outputs of its linears of ``kinds`` captured as
+        clone targets; skipped when ``kinds`` is None), then the student's, adding its clone
+        MSEs into ``clone``. Returns (x_s, x_t)."""
+        tgt = None
+        if kinds is not None:
+            with _capture(tl, kinds) as tgt:
+                x_t = self.teacher_layer(tl, x_t)
+        return self.model._student_layer(self, sl, tl, x_s, tgt, clone), x_t
 
 
 class LowRankClone(nn.Module):
@@ -226,100 +277,75 @@ class LowRankClone(nn.Module):
         return input_ids, attention_mask, labels
 
     def _run(self, input_ids, attention_mask, labels, with_teacher: bool, return_logits: bool) -> LRCOutput:
-        B, S = input_ids.shape
-        base = self.teacher.model
-        if attention_mask is None or bool(attention_mask.all()):
-            rows, pos = None, torch.arange(S, device=input_ids.device).expand(B, S)
-        else:
-            rows = attention_mask.reshape(-1).nonzero().squeeze(1)
-            pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-
-        def pick(z):  # (B, S, w) -> valid rows (N, w)
-            z = z.reshape(B * S, z.shape[-1])
-            return z if rows is None else z.index_select(0, rows)
-
-        def unpick(z):  # (N, w) -> (B, S, w), padded rows 0
-            if rows is not None:
-                z = z.new_zeros(B * S, z.shape[-1]).index_copy(0, rows, z)
-            return z.view(B, S, -1)
-
-        with torch.no_grad():
-            e_t = base.embed_tokens(input_ids)  # E_T[ids]: the teacher's layer-0 input
-            mask = fam.causal_mask(self.teacher, e_t, attention_mask, pos)
-            cos_sin = base.rotary_emb(e_t, pos)
-        x_s = pick(e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
-        x_t = e_t
+        walk = LayerWalk(self, input_ids, attention_mask)
+        x_s = walk.pick(walk.e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
+        x_t = walk.e_t
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
-
-        def lockstep(sl, tl, x_s, x_t):  # the teacher's layer (no grad, targets captured), then the student's
-            tgt = None
-            if need_teacher:
-                with torch.no_grad(), _capture(tl, self.clone_kinds) as tgt:
-                    out = tl(x_t, attention_mask=mask, position_ids=pos, position_embeddings=cos_sin)
-                x_t = out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
-            x_s = self._student_layer(sl, tl.self_attn, tl.mlp.act_fn, x_s, tgt, clone, pick, unpick,
-                                      (B, S), mask, cos_sin, pos)
-            return x_s, x_t
-
-        for sl, tl in zip(self.layers, base.layers):
-            x_s, x_t = sl(lockstep, sl, tl, x_s, x_t)  # through sl's call: see StudentLayer.forward
+        kinds = self.clone_kinds if need_teacher else None
+        for sl, tl in zip(self.layers, self.teacher.model.layers):
+            x_s, x_t = sl(walk.step, sl, tl, x_s, x_t, kinds, clone)  # through sl's call: see StudentLayer.forward
 
         zero = torch.zeros((), dtype=torch.float32, device=x_s.device)
         lm = kl = zero
         if with_teacher and (self.use_lm or self.use_kl):
-            nxt = pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
-            keep = (nxt != -100).nonzero().squeeze(1)
-            h_s = self.norm(x_s.index_select(0, keep))
-            h_t = (base.norm(pick(x_t).index_select(0, keep)) if need_teacher
-                   else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
-            w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
-            dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
-            dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
-            h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
-            lm, kl = resolve_op("distill_head", self.fused)(
-                h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
-                kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=B,
-                tau_squared=self.tau_squared)
+            lm, kl = self._head_losses(walk, input_ids, labels, attention_mask, x_s, x_t if need_teacher else None)
         logits = None
         if return_logits:
             w_head = self.teacher.get_output_embeddings().weight.detach() @ self.head_proj
-            logits = unpick(F.linear(self.norm(x_s), w_head))
+            logits = walk.unpick(F.linear(self.norm(x_s), w_head))
         total = lm + kl + self.alpha * sum(clone.values())
         return LRCOutput(loss=total, lm=lm, kl=kl, clone=clone, logits=logits)
 
-    def _student_layer(self, sl, attn, act_fn, x, tgt, clone, pick, unpick, bs, mask, cos_sin, pos):
-        """One student decoder layer on the valid rows x (N, d_S), mirroring the family's layer."""
+    def _head_losses(self, walk: LayerWalk, input_ids, labels, attention_mask, x_s, x_t):
+        """(lm, kl) from the final hidden states; x_t None: CE only, no teacher."""
+        nxt = walk.pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
+        keep = (nxt != -100).nonzero().squeeze(1)
+        h_s = self.norm(x_s.index_select(0, keep))
+        h_t = (self.teacher.model.norm(walk.pick(x_t).index_select(0, keep)) if x_t is not None
+               else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
+        w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
+        dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
+        h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
+        return resolve_op("distill_head", self.fused)(
+            h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
+            kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
+            tau_squared=self.tau_squared)
+
+    def _student_layer(self, walk: LayerWalk, sl: StudentLayer, tl: nn.Module, x: Tensor, tgt, clone: dict):
+        """One student decoder layer on the valid rows x (N, d_S), mirroring the family's layer
+        ``tl``; ``tgt``: the teacher layer's captured outputs by kind (None: no clone terms)."""
         def lin(kind, inp):
             target = None
             if tgt is not None and kind in tgt and not (kind == "o" and self.attn_clone_space == "teacher"):
-                target = pick(tgt[kind])
+                target = walk.pick(tgt[kind])
             y = getattr(sl, kind)(inp, target, fused=self.fused)
             if target is not None:
                 y, mse = y
                 clone[kind] = clone[kind] + mse
             return y
 
-        B, S = bs
+        B, S, attn = walk.B, walk.S, tl.self_attn
         hd = attn.head_dim
         a = sl.input_layernorm(x)
-        q, k, v = (unpick(lin(n, a)).view(B, S, -1, hd) for n in ("q", "k", "v"))
+        q, k, v = (walk.unpick(lin(n, a)).view(B, S, -1, hd) for n in ("q", "k", "v"))
         if hasattr(attn, "q_norm"):  # Qwen3: per-head norms on head_dim, the teacher's as they are
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = self._fam.apply_rotary_pos_emb(q, k, *cos_sin)
-        att, _ = fam.attention_function(self.teacher)(attn, q, k, v, mask, dropout=0.0, scaling=attn.scaling,
-                                                      position_ids=pos)
-        att = pick(att.reshape(B, S, -1))
+        q, k = self._fam.apply_rotary_pos_emb(q, k, *walk.cos_sin)
+        att, _ = fam.attention_function(self.teacher)(attn, q, k, v, walk.mask, dropout=0.0, scaling=attn.scaling,
+                                                      position_ids=walk.pos)
+        att = walk.pick(att.reshape(B, S, -1))
         o = lin("o", att)
         if tgt is not None and "o" in tgt and self.attn_clone_space == "teacher":
             # authors' form: MSE(att_S @ W_o.T, o_T) in the teacher's space
-            d = F.linear(att, sl.o.teacher.weight.detach()) - pick(tgt["o"])
+            d = F.linear(att, sl.o.teacher.weight.detach()) - walk.pick(tgt["o"])
             d = d.to(torch.promote_types(d.dtype, torch.float32))
             clone["o"] = clone["o"] + (d * d).mean()
         x = x + o
         b = sl.post_attention_layernorm(x)
-        return x + lin("down", act_fn(lin("gate", b)) * lin("up", b))
+        return x + lin("down", tl.mlp.act_fn(lin("gate", b)) * lin("up", b))
 
     # ---- export ---------------------------------------------------------------------------
     def _export_entries(self) -> dict:
