@@ -1,5 +1,5 @@
-// distill_head_rows: the fused row-wise part of the distillation head loss (LRC_SPEC
-// "Losses"). For each row r of a chunk of student logits s = zs[r, :V] and teacher
+// distill_head_rows: the fused row-wise part of the distillation head loss (docs/DESIGN.md,
+// "distill_head"). For each row r of a chunk of student logits s = zs[r, :V] and teacher
 // logits t = zt[r, :V] with label y = labels[r], in one kernel (fp32 accumulation; fp64
 // for fp64 input):
 //
