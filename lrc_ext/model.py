@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -282,9 +283,11 @@ class LowRankClone(nn.Module):
         x_t = walk.e_t
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
-        kinds = self.clone_kinds if need_teacher else None
+        # Only the activations go through sl's call (see StudentLayer.forward): module hooks may
+        # rebuild its arguments, so the clone dict travels in the partial, not as an argument.
+        step = functools.partial(walk.step, kinds=self.clone_kinds if need_teacher else None, clone=clone)
         for sl, tl in zip(self.layers, self.teacher.model.layers):
-            x_s, x_t = sl(walk.step, sl, tl, x_s, x_t, kinds, clone)  # through sl's call: see StudentLayer.forward
+            x_s, x_t = sl(step, sl, tl, x_s, x_t)
 
         zero = torch.zeros((), dtype=torch.float32, device=x_s.device)
         lm = kl = zero
