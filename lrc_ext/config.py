@@ -25,6 +25,16 @@ class ConfigError(Exception):
     """A user error (bad flag, bad file, missing data...): one line, exit code 2."""
 
 
+def one_line(what: BaseException | str) -> str:
+    """A library's error, cut to one line for a ConfigError: an exception's first line (the
+    message; later lines are detail), or a process's output's last line (where pip and
+    friends print the error). At most 300 characters."""
+    lines = [line.strip() for line in str(what).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(what).__name__ if isinstance(what, BaseException) else "no output"
+    return (lines[0] if isinstance(what, BaseException) else lines[-1])[:300]
+
+
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
