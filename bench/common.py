@@ -229,6 +229,121 @@ def free_memory(device="cuda") -> None:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- the shared runner
+
+def trim_malloc() -> None:
+    """Hand freed heap back to the OS (glibc), so the CPU's RSS high-water mark sees the next
+    call's allocations instead of reused blocks."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def time_call(fn, device) -> float:
+    """ms of one call: CUDA events around it on CUDA, perf_counter on the CPU."""
+    import torch
+    if str(device).startswith("cuda"):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_benchmarks(case: dict, steps: dict, *, device, iters: int, warmup: int, label: str = "impl",
+                   interleave: bool = True, memory: bool = True, first_call=None, on_row=None):
+    """One case (its shape, as a dict) x implementations `steps` ({name: fn() -> outputs}):
+    a row per implementation, `case` + {label: name, "status": "ok" | "oom" | "failed"}, with
+    "ms" (median) and "min_ms" over `iters` timed calls after `warmup`, and "peak_bytes" (one
+    call's peak over the memory held before it; `memory=False` skips it). With `interleave`
+    the implementations are timed round by round (order rotated each round), so machine noise
+    hits each alike; without, one after the other (`on_row(row)` after each, so a stopped run
+    keeps what it measured). `first_call(name, outputs) -> dict` adds figures from the first
+    call (values, errors against a reference). A failing implementation is recorded with its
+    error and the others go on. Returns (rows, {name: first outputs}; empty with `first_call`)."""
+    rows, outs = {}, {}
+
+    def fail(name, e):
+        if is_oom(e):
+            free_memory(device)
+        rows[name].update(status="oom" if is_oom(e) else "failed", error=f"{type(e).__name__}: {e}"[:300])
+
+    def first(name):
+        rows[name] = dict(case, **{label: name})
+        try:
+            out = steps[name]()  # the first call compiles where it compiles
+            if first_call:  # it keeps what it needs; the outputs are not held through the timing
+                rows[name].update(first_call(name, out))
+            else:
+                outs[name] = out
+            del out
+            return True
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+            fail(name, e)
+            return False
+
+    def finish(name, samples):
+        row = rows[name]
+        row.update(status="ok", ms=statistics.median(samples), min_ms=min(samples))
+        if memory:
+            free_memory(device)
+            if not str(device).startswith("cuda"):
+                trim_malloc()
+            row["peak_bytes"] = peak_memory(steps[name], device=device)["delta_bytes"]
+        if on_row:
+            on_row(row)
+
+    names = list(steps)
+    if interleave:
+        active = [n for n in names if first(n)]
+        sync(device)
+        for _ in range(warmup):
+            for n in active:
+                steps[n]()
+        samples = {n: [] for n in active}
+        for i in range(iters):
+            k = i % max(len(active), 1)
+            for n in active[k:] + active[:k]:
+                samples[n].append(time_call(steps[n], device))
+        for n in active:
+            try:
+                finish(n, samples[n])
+            except Exception as e:  # noqa: BLE001
+                fail(n, e)
+    else:
+        for n in names:
+            try:
+                if first(n):
+                    for _ in range(warmup):
+                        steps[n]()
+                    finish(n, [time_call(steps[n], device) for _ in range(iters)])
+            except Exception as e:  # noqa: BLE001
+                fail(n, e)
+            if on_row and rows[n]["status"] != "ok":
+                on_row(rows[n])
+    return [rows[n] for n in names], outs
+
+
+def add_ratios(rows: list[dict], refs, label: str = "impl") -> None:
+    """speedup_vs_<ref> (its time / this one's) and mem_vs_<ref> (this peak / its peak) on every
+    ok row of one case, against each reference implementation in `refs` that ran."""
+    by = {r[label]: r for r in rows if r.get("status") == "ok"}
+    for ref in refs:
+        b = by.get(ref)
+        if b is None:
+            continue
+        for r in by.values():
+            r[f"speedup_vs_{ref}"] = b["ms"] / r["ms"]
+            if r.get("peak_bytes") is not None and b.get("peak_bytes"):
+                r[f"mem_vs_{ref}"] = r["peak_bytes"] / b["peak_bytes"]
+
+
 # ----------------------------------------------------------------------------- ceilings
 
 def datasheet(device_name: str) -> dict:
