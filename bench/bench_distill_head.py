@@ -179,7 +179,7 @@ def run_shape(sname, impls, dev, dtype, iters, warmup, rows, errors, save) -> di
                                           warmup=warmup, interleave=False, memory=cuda, first_call=first_call,
                                           on_row=on_row)
     shape_rows = {r["impl"]: r for r in shape_rows}
-    del h_s, h_t, w, p, labels
+    h_s = h_t = w = p = labels = None  # the inputs go before the CPU peaks are measured
     common.free_memory(dev)
     if not cuda:  # in-process RSS keeps what earlier runs freed: measure in a fresh process
         ok = [k for k, r in shape_rows.items() if r["status"] == "ok"]

@@ -26,7 +26,7 @@ import torch  # noqa: E402
 VARIANTS = {
     "normal": ("normal", None, None),
     "pca raw, set, untied": ("pca", False, dict(basis="raw", refit=False)),
-    "pca normalized, set, untied (issue's rough try)": ("pca", False, dict(basis="normalized", refit=False)),
+    "pca normalized, set, untied (the first rough try)": ("pca", False, dict(basis="normalized", refit=False)),
     "pca normalized, set, tied": ("pca", None, dict(basis="normalized", refit=False)),
     "pca read, set, tied": ("pca", None, dict(basis="read", refit=False)),
     "pca normalized, refit, tied (default)": ("pca", None, dict(basis="normalized", refit=True)),

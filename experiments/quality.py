@@ -425,7 +425,7 @@ def readme(res) -> str:
         f"- machine: {m['machine']}; device {m['device']}; torch {m['torch']}, transformers {m['transformers']}",
         f"- date: {m['date']}; commit: {m['commit']}",
         f"- teacher: {m['teacher_name']} ({m['teacher_source']}); student width {m['width']}",
-        f"- optimiser: AdamW (0.9, 0.999), wd 0; lr {m['lr_lrc']:g} for LRC runs (spec), {m['lr_scratch']:g} for "
+        f"- optimiser: AdamW (0.9, 0.999), wd 0; lr {m['lr_lrc']:g} for LRC runs (the paper's), {m['lr_scratch']:g} for "
         f"from-scratch runs; linear schedule, {m['warmup_steps']} warmup step(s), clip {m['clip']}; tau {m['tau']}, "
         f"alpha {m['alpha']} (LRC clone and TinyBERT hidden MSE)",
         f"- data: {d['corpus']}: {d['documents']} documents; held-out {d['heldout_documents']} documents / "
@@ -530,6 +530,53 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
+def train_run(name, res, teacher, args, train, evals, device, steps: int, warmup: int, at, out):
+    """One run of RUNS on the trainer's step: held-out CE at step 0 and at every step in `at`,
+    the train log, the final CE on the big eval rows; results rewritten after every point."""
+    rec, (ev, ev_big) = res["runs"][name], evals
+    try:
+        run = Run(name, teacher, args, train, device, steps, warmup)
+    except NotImplementedError as e:
+        rec["status"] = f"skipped: {e}"
+        say(f"{name}: {rec['status']}")
+        write_outputs(res, out)
+        return
+    rec.update(label=RUNS[name][0], settings=run.settings, status="running", points=[], train_log=[],
+               **({"extra": run.extra} if run.extra else {}))
+    say(f"{name}: {run.settings}")
+    tr_s = 0.0
+
+    def point(step):
+        t = time.time()
+        ce = eval_ce(run.student(), ev, device)
+        rec["points"].append(dict(step=step, tokens=step * args.micro_batch * args.seq_len, ce=ce,
+                                  train_s=round(tr_s, 1)))
+        rec["eval_s"] = round(rec.get("eval_s", 0) + time.time() - t, 1)
+        say(f"{name}: step {step}/{steps} tokens {rec['points'][-1]['tokens']:,} held-out CE {ce:.4f} "
+            f"(train {tr_s:.0f}s)")
+        write_outputs(res, out)
+
+    point(0)
+    for step in range(steps):
+        t = time.time()
+        try:
+            fig = run.step()
+        except NonFiniteLoss as e:
+            rec["status"] = str(e)
+            say(f"{name}: {rec['status']}")
+            break
+        tr_s += time.time() - t
+        rec["train_log"].append(dict(step=step + 1, **{k: round(v, 5) for k, v in fig.items()}))
+        if step + 1 in at:
+            point(step + 1)
+    else:
+        rec["tokens_per_s"] = round(res["meta"]["budget_tokens"] / tr_s, 1)
+        rec["final_ce_big"] = eval_ce(run.student(), ev_big, device)
+        rec["done"], rec["status"] = True, "done"
+        say(f"{name}: done, final CE (big) {rec['final_ce_big']:.4f}, {rec['tokens_per_s']} tok/s")
+    write_outputs(res, out)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.render:
@@ -593,51 +640,8 @@ def main(argv=None) -> int:
     write_outputs(res, out)
 
     for name in runs:
-        rec = res["runs"][name]
-        if rec.get("done"):
-            continue
-        try:
-            run = Run(name, teacher, args, train, device, steps, warmup)
-        except NotImplementedError as e:
-            rec["status"] = f"skipped: {e}"
-            say(f"{name}: {rec['status']}")
-            write_outputs(res, out)
-            continue
-        rec.update(label=RUNS[name][0], settings=run.settings, status="running", points=[], train_log=[],
-                   **({"extra": run.extra} if run.extra else {}))
-        say(f"{name}: {run.settings}")
-        tr_s = 0.0
-
-        def point(step):
-            t = time.time()
-            ce = eval_ce(run.student(), ev, device)
-            rec["points"].append(dict(step=step, tokens=step * args.micro_batch * args.seq_len, ce=ce,
-                                      train_s=round(tr_s, 1)))
-            rec["eval_s"] = round(rec.get("eval_s", 0) + time.time() - t, 1)
-            say(f"{name}: step {step}/{steps} tokens {rec['points'][-1]['tokens']:,} held-out CE {ce:.4f} "
-                f"(train {tr_s:.0f}s)")
-            write_outputs(res, out)
-
-        point(0)
-        for step in range(steps):
-            t = time.time()
-            try:
-                fig = run.step()
-            except NonFiniteLoss as e:
-                rec["status"] = str(e)
-                say(f"{name}: {rec['status']}")
-                break
-            tr_s += time.time() - t
-            rec["train_log"].append(dict(step=step + 1, **{k: round(v, 5) for k, v in fig.items()}))
-            if step + 1 in at:
-                point(step + 1)
-        else:
-            rec["tokens_per_s"] = round(budget / tr_s, 1)
-            rec["final_ce_big"] = eval_ce(run.student(), ev_big, device)
-            rec["done"], rec["status"] = True, "done"
-            say(f"{name}: done, final CE (big) {rec['final_ce_big']:.4f}, {rec['tokens_per_s']} tok/s")
-        write_outputs(res, out)
-        del run
+        if not res["runs"][name].get("done"):
+            train_run(name, res, teacher, args, train, (ev, ev_big), device, steps, warmup, at, out)
     say(f"summary: {json.dumps(res['summary'], indent=1)}")
     return 0
 

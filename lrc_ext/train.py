@@ -537,7 +537,7 @@ def finish(t: Trainer) -> int:
         t.save()
     if device.type == "cuda":
         peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
-        say(f"memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+        say("memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
     model, teacher = t.model, t.teacher
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
         from . import teacher as teacher_mod
