@@ -175,6 +175,7 @@ def evaluate(model, held_out: torch.Tensor, cfg: TrainConfig, device, amp, par) 
         with amp:
             out = model(x.to(device))
         vals = {"eval_loss": out.loss, "eval_lm": out.lm, "eval_kl": out.kl, "eval_clone": sum(out.clone.values())}
+        # host sync: each held-out micro-batch's terms (evaluation is off the training path)
         for k, v in zip(vals, torch.stack([v.float() for v in vals.values()]).tolist()):
             sums[k] = sums.get(k, 0.0) + v * w
     model.train()
@@ -191,6 +192,7 @@ def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp, p
         x = x.to(device)
         with amp, par.teacher_alone():
             logits = teacher(x).logits.float()
+        # host sync: once a micro-batch, at the first evaluation only
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * w
     if par.world > 1:
         total = par.all_sum(torch.tensor([total], dtype=torch.float64)).item()
@@ -447,7 +449,7 @@ class Trainer:
         keys = list(per_micro[0])
         flat = torch.tensor([[v[k] for k in keys] for v in per_micro] + [[float(stopped)] * len(keys)],
                             dtype=torch.float64)
-        flat = self.par.all_sum(flat)
+        flat = self.par.all_sum(flat)  # host sync: the one collective a step
         if flat[-1, 0] > 0:
             self.halt = (self.stop.reason if stopped else None) or "a signal to another rank"
         per_micro = [dict(zip(keys, (row / self.par.world).tolist())) for row in flat[:-1]]
