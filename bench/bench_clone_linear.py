@@ -27,16 +27,13 @@ floor: target @ P and its gradient), peak memory over what the inputs already ho
 malloc_trim, coarse), the bytes kept
 for backward (saved_tensors_hooks; x, W_T and P not counted, the teacher's target is:
 the model would free it otherwise), and the error of
-ours against eager (relative, in the norm). Then the ratios per case and the targets of
-issue 5 (worst case over shapes).
+ours against eager (relative, in the norm). Then the ratios per case and the targets
+(tools/targets.py; worst case over shapes).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
-import statistics
 import sys
-import time
 
 import common
 
@@ -125,78 +122,29 @@ def run_case(dev, side, width, cfg, variants, compiled, iters, warmup):
     }
     if compiled is not None:
         steps["compile"] = clone_step(compiled)
-    rows, outs, errs = [], {}, {}
-    active = [v for v in variants if v in steps]
-    for v in list(active):
-        try:
-            res = steps[v]()  # first call: compiles where it compiles
-            outs[v] = [o.detach().clone() for o in res]  # clone: CUDA-graph outputs get overwritten
-            del res
-        except Exception as e:  # noqa: BLE001 - one failing variant must not hide the others
-            errs[v] = e
-            active.remove(v)
-    common.sync(dev)
-    # Interleaved rounds (order rotated each round), so machine noise hits every variant alike.
-    for _ in range(warmup):
-        for v in active:
-            steps[v]()
-    samples = {v: [] for v in active}
-    for i in range(iters):
-        k = i % max(len(active), 1)
-        for v in active[k:] + active[:k]:
-            samples[v].append(time_call(steps[v], dev))
-    for v in variants:
-        if v in errs:
-            e = errs[v]
-            if common.is_oom(e):
-                common.free_memory(dev)
-            rows.append({"side": side, "width": width, "variant": v, "error": f"{type(e).__name__}: {e}"[:300]})
+    fns = {"eager": clone_linear_reference, "ours": clone_linear, "compile": compiled}
+
+    def first_call(v, res):  # clone: CUDA-graph outputs get overwritten
+        return {"_out": [o.detach().clone() for o in res]}
+
+    rows, _ = common.run_benchmarks({"side": side, "width": width}, {v: steps[v] for v in variants if v in steps},
+                                    device=dev, iters=iters, warmup=warmup, label="variant", first_call=first_call)
+    outs = {r["variant"]: r.pop("_out", None) for r in rows}
+    for row in rows:
+        v = row["variant"]
+        if row["status"] != "ok":
             continue
-        if v not in samples:
-            continue
-        common.free_memory(dev)
-        if not dev.startswith("cuda"):
-            trim_malloc()  # so the RSS high-water mark sees this step's allocations, not reuse
-        mem = common.peak_memory(steps[v], device=dev)
         if v == "bare":
             sb = saved_bytes(lambda: bare_fn(x, w, p, None, side), (x, w, p))
         else:
-            f = {"eager": clone_linear_reference, "ours": clone_linear, "compile": compiled}[v]
-            sb = saved_bytes(lambda: f(x, w, p, None, t, side), (x, w, p))
-        ms = statistics.median(samples[v])
+            sb = saved_bytes(lambda: fns[v](x, w, p, None, t, side), (x, w, p))
         fl = flops(side, n, d_t, d_s, width, clone=(v != "bare"))
-        rows.append({"side": side, "width": width, "variant": v, "ms": ms, "min_ms": min(samples[v]),
-                     "tflops": fl / (ms * 1e-3) / 1e12, "gflop": fl / 1e9,
-                     "peak_mib": None if mem["delta_bytes"] is None else mem["delta_bytes"] / 2 ** 20,
-                     "saved_mib": sb / 2 ** 20})
-    ref = outs.get("eager")
-    for row in rows:
-        o = outs.get(row["variant"])
-        if ref is not None and o is not None and row["variant"] != "bare":
-            # y, mse, grad_x, grad_P against eager
-            row["err_vs_eager"] = max(relerr(a, b) for a, b in zip(o, ref))
+        pb = row.pop("peak_bytes", None)
+        row.update(tflops=fl / (row["ms"] * 1e-3) / 1e12, gflop=fl / 1e9,
+                   peak_mib=None if pb is None else pb / 2 ** 20, saved_mib=sb / 2 ** 20)
+        if outs.get("eager") is not None and v != "bare":  # y, mse, grad_x, grad_P against eager
+            row["err_vs_eager"] = max(relerr(a, b) for a, b in zip(outs[v], outs["eager"]))
     return rows
-
-
-def time_call(fn, dev) -> float:
-    """ms of one call: CUDA events around it on CUDA, perf_counter on the CPU."""
-    if dev.startswith("cuda"):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        return a.elapsed_time(b)
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def trim_malloc():
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
 
 
 def _bare_step(x, w, p, side, gy):
@@ -273,7 +221,7 @@ def main(argv=None) -> int:
         common.target("clone_linear.ratio_vs_bare_gemm", worst("ours/bare", max), note=note),
         common.target("clone_linear.peak_mem_vs_eager", worst("peak ours/eager", max), note=note),
     ]
-    common.print_table(targets, ["what", "value", "op", "goal", "met"], title="issue 5 targets (worst case)")
+    common.print_table(targets, ["what", "value", "op", "goal", "met"], title="targets (worst case)")
     errors = [f"{r['side']}:{r['width']} {r['variant']}: {r['error']}" for r in rows if "error" in r]
     if args.json:
         common.write_json(args.json, "bench_clone_linear", rows, device=dev,

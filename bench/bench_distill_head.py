@@ -25,7 +25,7 @@ every measurement. Env LRC_DISTILL_HEAD_CHUNK_MB / LRC_DISTILL_HEAD_BWD tune the
 Memory: the peak over the memory held before the call (inputs). CUDA: torch's allocator
 peak; CPU: the growth of the resident-set high-water mark over one call, measured in one
 fresh process per shape (after a warm-up on a small vocabulary; glibc told to return freed
-blocks of 128 KiB or more). Targets (issue 6, one H100, lrc1.5b):
+blocks of 128 KiB or more). Targets (tools/targets.py, one H100, lrc1.5b):
 >= 1.5x Liger's speed, peak memory <= Liger's and >= 5x below eager.
 """
 from __future__ import annotations
@@ -137,6 +137,74 @@ def mem_child(spec: str) -> int:
     return 0
 
 
+def run_shape(sname, impls, dev, dtype, iters, warmup, rows, errors, save) -> dict:
+    """Every implementation on one shape, through the shared runner (one after the other, the
+    JSON rewritten after each); then CPU peaks in a fresh process, ratios and loss agreement."""
+    shape = SHAPES[sname]
+    n, v, d_t, d_s = shape
+    cuda = dev.startswith("cuda")
+    common.free_memory(dev)
+    h_s, h_t, w, p, labels = make_inputs(shape, dtype, dev)
+    # GEMM FLOPs of the loss and its gradients: W_S, z_S, z_T, dh_S, dW_S, dP (same for all).
+    flops = 2 * v * d_t * d_s * 2 + 2 * n * v * (d_s + d_t) + 2 * 2 * n * v * d_s
+
+    def step_of(f):
+        def step():
+            h_s.grad = None
+            p.grad = None
+            loss = f(h_s, h_t, w, p, labels)
+            loss.backward()
+            return loss
+        return step
+
+    def first_call(name, loss):  # the value, from the first call
+        return {"loss": float(loss.detach()), "grad_norm_h": float(h_s.grad.float().norm()),
+                "grad_norm_p": float(p.grad.float().norm())}
+
+    def on_row(row):
+        h_s.grad = p.grad = None
+        if row["status"] == "ok":
+            row["time_ms"] = row.pop("ms")
+            row["tflops"] = flops / (row["time_ms"] * 1e-3) / 1e12
+            print(f"  {sname:9s} {row['impl']:12s} {row['time_ms']:10.2f} ms  loss {row['loss']:.6f}"
+                  + (f"  peak {row['peak_bytes'] / 2 ** 30:.3f} GiB" if row.get("peak_bytes") else ""), flush=True)
+        else:
+            errors.append(f"{sname}/{row['impl']}: {row['error']}")
+            print(f"  {sname}/{row['impl']}: {row['status']}: {row['error']}", flush=True)
+        rows.append(row)
+        save()
+
+    case = {"shape": sname, "N": n, "V": v, "d_T": d_t, "d_S": d_s, "dtype": str(dtype).replace("torch.", "")}
+    shape_rows, _ = common.run_benchmarks(case, {k: step_of(f) for k, f in impls.items()}, device=dev, iters=iters,
+                                          warmup=warmup, interleave=False, memory=cuda, first_call=first_call,
+                                          on_row=on_row)
+    shape_rows = {r["impl"]: r for r in shape_rows}
+    h_s = h_t = w = p = labels = None  # the inputs go before the CPU peaks are measured
+    common.free_memory(dev)
+    if not cuda:  # in-process RSS keeps what earlier runs freed: measure in a fresh process
+        ok = [k for k, r in shape_rows.items() if r["status"] == "ok"]
+        try:
+            for k, b in cpu_peaks_in_child(sname, ok).items():
+                shape_rows[k]["peak_bytes"] = b if b >= 0 else None
+        except Exception as e:  # noqa: BLE001
+            errors.append(f"{sname}: CPU memory measurement: {e}")
+    for row in shape_rows.values():
+        if row.get("peak_bytes") is not None:
+            row["peak_gib"] = row["peak_bytes"] / 2 ** 30
+            row["peak_vs_nv_fp32"] = row["peak_bytes"] / (n * v * 4)
+    for row in shape_rows.values():  # speed and memory against eager and Liger, and the loss agreement
+        for tag in ("eager", "liger"):
+            ref = shape_rows.get(tag)
+            if row.get("status") == "ok" and ref and ref.get("status") == "ok":
+                row[f"speedup_vs_{tag}"] = ref["time_ms"] / row["time_ms"]
+                if row.get("peak_bytes") is not None and ref.get("peak_bytes") is not None:
+                    row[f"mem_vs_{tag}"] = row["peak_bytes"] / max(ref["peak_bytes"], 1)
+                row[f"loss_rel_diff_vs_{tag}"] = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
+    print(f"  {sname}: peak memory (GiB): " + ", ".join(
+        f"{k} {common.fmt(r.get('peak_gib'))}" for k, r in shape_rows.items()), flush=True)
+    return shape_rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="auto")
@@ -188,78 +256,8 @@ def main(argv=None) -> int:
     for sname in shapes:
         if sname not in SHAPES:
             raise SystemExit(f"bench_distill_head: unknown shape {sname!r} (one of {', '.join(SHAPES)})")
-        shape = SHAPES[sname]
-        n, v, d_t, d_s = shape
-        common.free_memory(dev)
-        h_s, h_t, w, p, labels = make_inputs(shape, dtype, dev)
-        nv4 = n * v * 4
-        # GEMM FLOPs of the loss and its gradients: W_S, z_S, z_T, dh_S, dW_S, dP (same for all).
-        flops = 2 * v * d_t * d_s * 2 + 2 * n * v * (d_s + d_t) + 2 * 2 * n * v * d_s
-        shape_rows = {}
-        for iname, f in impls.items():
-            row = {"shape": sname, "impl": iname, "N": n, "V": v, "d_T": d_t, "d_S": d_s,
-                   "dtype": str(dtype).replace("torch.", "")}
-
-            def step(f=f):
-                h_s.grad = None
-                p.grad = None
-                loss = f(h_s, h_t, w, p, labels)
-                loss.backward()
-                return loss
-
-            try:
-                loss = step()  # first call: compile / warm-up, and the value
-                row["loss"] = float(loss.detach())
-                row["grad_norm_h"] = float(h_s.grad.float().norm())
-                row["grad_norm_p"] = float(p.grad.float().norm())
-                t = common.time_fn(step, device=dev, warmup=warmup, iters=iters)
-                h_s.grad = None
-                p.grad = None
-                row.update(status="ok", time_ms=t["median_ms"], min_ms=t["min_ms"],
-                           tflops=flops / (t["median_ms"] * 1e-3) / 1e12)
-                if cuda:
-                    row["peak_bytes"] = common.peak_memory(step, device=dev)["delta_bytes"]
-            except Exception as e:  # noqa: BLE001 - one implementation failing must not stop the others
-                status = "oom" if common.is_oom(e) else "failed"
-                row.update(status=status, error=f"{type(e).__name__}: {str(e)[:300]}")
-                errors.append(f"{sname}/{iname}: {row['error']}")
-                print(f"  {sname}/{iname}: {status}: {row['error']}", flush=True)
-            h_s.grad = None
-            p.grad = None
-            common.free_memory(dev)
-            shape_rows[iname] = row
-            rows.append(row)
-            if row["status"] == "ok":
-                print(f"  {sname:9s} {iname:12s} {row['time_ms']:10.2f} ms  loss {row['loss']:.6f}"
-                      + (f"  peak {row['peak_bytes'] / 2 ** 30:.3f} GiB" if row.get("peak_bytes") else ""), flush=True)
-            save()
-        if not cuda:  # in-process RSS keeps what earlier runs freed: measure in a fresh process
-            ok = [k for k, r in shape_rows.items() if r["status"] == "ok"]
-            try:
-                for k, b in cpu_peaks_in_child(sname, ok).items():
-                    shape_rows[k]["peak_bytes"] = b if b >= 0 else None
-            except Exception as e:  # noqa: BLE001
-                errors.append(f"{sname}: CPU memory measurement: {e}")
-        for row in shape_rows.values():
-            if row.get("peak_bytes") is not None:
-                row["peak_gib"] = row["peak_bytes"] / 2 ** 30
-                row["peak_vs_nv_fp32"] = row["peak_bytes"] / nv4
-
-        # ratios against eager and Liger, and the loss agreement
-        base = shape_rows.get("eager")
-        lig = shape_rows.get("liger")
-        for row in shape_rows.values():
-            if row.get("status") != "ok":
-                continue
-            for ref, tag in ((base, "eager"), (lig, "liger")):
-                if ref and ref.get("status") == "ok":
-                    row[f"speedup_vs_{tag}"] = ref["time_ms"] / row["time_ms"]
-                    if row.get("peak_bytes") is not None and ref.get("peak_bytes") is not None:
-                        row[f"mem_vs_{tag}"] = row["peak_bytes"] / max(ref["peak_bytes"], 1)
-                    row[f"loss_rel_diff_vs_{tag}"] = abs(row["loss"] - ref["loss"]) / max(abs(ref["loss"]), 1e-30)
-        ours = shape_rows.get("fused")
-        print(f"  {sname}: peak memory (GiB): " + ", ".join(
-            f"{k} {common.fmt(r.get('peak_gib'))}" for k, r in shape_rows.items()), flush=True)
+        shape_rows = run_shape(sname, impls, dev, dtype, iters, warmup, rows, errors, save)
+        ours, base, lig = (shape_rows.get(k) for k in ("fused", "eager", "liger"))
         if cuda and sname == "lrc1.5b" and ours and ours.get("status") == "ok":
             if lig and lig.get("status") == "ok":
                 targets.append(common.target("distill_head.speedup_vs_liger", lig["time_ms"] / ours["time_ms"]))
@@ -269,7 +267,6 @@ def main(argv=None) -> int:
                 targets.append(common.target("distill_head.mem_saving_vs_eager",
                                              base["peak_bytes"] / max(ours["peak_bytes"], 1)))
         save()
-        del h_s, h_t, w, p, labels
 
     cols = ["shape", "impl", "status", "time_ms", "peak_gib", "speedup_vs_eager", "speedup_vs_liger",
             "mem_vs_eager", "mem_vs_liger", "tflops", "loss_rel_diff_vs_eager"]

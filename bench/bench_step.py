@@ -730,7 +730,7 @@ def main(argv=None) -> int:
                                 "loss_rel_diff_vs_eager": "loss diff"},
                        title=f"LRC step, {s.name}, {meta['device']}")
     for t in targets_for(s.name, rows, target_note):
-        print(f"target (issue {t['issue']}): {t['what']}: {common.fmt(t['value'])} {t['op']} {t['goal']} -> "
+        print(f"target ({t['group']}): {t['what']}: {common.fmt(t['value'])} {t['op']} {t['goal']} -> "
               f"{'MET' if t['met'] else 'not met' if t['met'] is False else 'not measured'}")
     write()
     if args.json:
@@ -739,7 +739,7 @@ def main(argv=None) -> int:
 
 
 def targets_for(shape: str, rows: list[dict], note: str | None = None) -> list[dict]:
-    """Issue 8's targets from the fused and eager rows (note: why this run is not the target setup)."""
+    """The step targets (tools/targets.py) from the fused and eager rows (note: why this run is not the target setup)."""
     if shape != "lrc1.5b":
         return []
     f = next((x for x in rows if x["mode"] == "fused" and x.get("status") == "ok"), None)

@@ -12,15 +12,15 @@ scripts in bench/ see this file directly.
     common.print_table(rows, ["name", "ms", "GB/s"], title="...")
     common.write_json(path, "bench_x", rows, config={...}, targets=[common.target(...)])
 
-JSON written by write_json (schema "lrc_ext.bench/1"; bench/collect_results.py reads it):
+JSON written by write_json (schema "lrc_ext.bench/1"; tools/collect_results.py reads it):
 
     {"schema": "lrc_ext.bench/1", "bench": str, "meta": metadata(), "config": {...},
      "ceilings": {...} | null, "rows": [ {column: value, ...}, ... ],
-     "targets": [ {"key", "issue", "what", "value", "op", "goal", "unit", "met"} ],
+     "targets": [ {"key", "group", "what", "value", "op", "goal", "unit", "met"} ],
      "errors": [str], "notes": [str], ...extra}
 
-Targets use the keys of TARGETS below, so bench/results/README.md can show every target
-of the issues whether or not a run has measured it yet.
+Targets use the keys of TARGETS (tools/targets.py), so bench/results/README.md can show every
+target whether or not a run has measured it yet.
 """
 from __future__ import annotations
 
@@ -51,28 +51,10 @@ DATASHEET = [
     ("A100", 312.0, 2039.0),
 ]
 
-# Every target of issues 5, 6 and 8 (one H100). Benches report a measured value with
-# target(key, value); the README shows "not measured" for any key no run has reported.
-TARGETS = {
-    # issue 8: the whole LRC step at the LRC-1.5B shape, fused path
-    "step.lrc1.5b.fused.tokens_per_s": (8, "LRC-1.5B step, fused: tokens/s", ">=", 25000.0, "tokens/s"),
-    "step.lrc1.5b.fused.mfu": (8, "LRC-1.5B step, fused: MFU (vs 989 TFLOP/s)", ">=", 0.45, "fraction"),
-    "step.lrc1.5b.fused.speedup_vs_eager": (8, "LRC-1.5B step: fused / eager tokens/s", ">=", 2.0, "x"),
-    "step.lrc1.5b.fused.max_micro_batch": (8, "LRC-1.5B step, fused: largest micro-batch x 2048 that fits",
-                                           ">=", 4, "sequences"),
-    # issue 5: one clone linear, forward + backward (N=8192, d_T=3072, d_S=1536, bf16)
-    "clone_linear.speedup_vs_eager": (5, "clone_linear fwd+bwd: eager / ours time (worst shape)", ">=", 1.5, "x"),
-    "clone_linear.speedup_vs_compile": (5, "clone_linear fwd+bwd: torch.compile / ours time (worst shape)",
-                                        ">=", 1.2, "x"),
-    "clone_linear.ratio_vs_bare_gemm": (5, "clone_linear fwd+bwd: ours / bare GEMMs time (worst shape)",
-                                        "<=", 1.15, "x"),
-    "clone_linear.peak_mem_vs_eager": (5, "clone_linear: ours / eager peak memory (worst shape)", "<=", 1.0, "x"),
-    # issue 6: the LM head with KL + CE (N=8192, V=128256, d_T=3072, d_S=1536, bf16)
-    "distill_head.speedup_vs_liger": (6, "distill_head: Liger / ours time", ">=", 1.5, "x"),
-    "distill_head.peak_mem_vs_liger": (6, "distill_head: ours / Liger peak memory", "<=", 1.0, "x"),
-    "distill_head.mem_saving_vs_eager": (6, "distill_head: eager / ours peak memory", ">=", 5.0, "x"),
-}
-
+# The target table lives with the results tooling (tools/targets.py); benches report with
+# common.target(key, value).
+sys.path.insert(0, str(ROOT / "tools"))
+from targets import TARGETS, target  # noqa: E402,F401
 
 # ----------------------------------------------------------------------------- imports / device
 
@@ -247,6 +229,121 @@ def free_memory(device="cuda") -> None:
         torch.cuda.empty_cache()
 
 
+# ----------------------------------------------------------------------------- the shared runner
+
+def trim_malloc() -> None:
+    """Hand freed heap back to the OS (glibc), so the CPU's RSS high-water mark sees the next
+    call's allocations instead of reused blocks."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def time_call(fn, device) -> float:
+    """ms of one call: CUDA events around it on CUDA, perf_counter on the CPU."""
+    import torch
+    if str(device).startswith("cuda"):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        return a.elapsed_time(b)
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
+
+
+def run_benchmarks(case: dict, steps: dict, *, device, iters: int, warmup: int, label: str = "impl",
+                   interleave: bool = True, memory: bool = True, first_call=None, on_row=None):
+    """One case (its shape, as a dict) x implementations `steps` ({name: fn() -> outputs}):
+    a row per implementation, `case` + {label: name, "status": "ok" | "oom" | "failed"}, with
+    "ms" (median) and "min_ms" over `iters` timed calls after `warmup`, and "peak_bytes" (one
+    call's peak over the memory held before it; `memory=False` skips it). With `interleave`
+    the implementations are timed round by round (order rotated each round), so machine noise
+    hits each alike; without, one after the other (`on_row(row)` after each, so a stopped run
+    keeps what it measured). `first_call(name, outputs) -> dict` adds figures from the first
+    call (values, errors against a reference). A failing implementation is recorded with its
+    error and the others go on. Returns (rows, {name: first outputs}; empty with `first_call`)."""
+    rows, outs = {}, {}
+
+    def fail(name, e):
+        if is_oom(e):
+            free_memory(device)
+        rows[name].update(status="oom" if is_oom(e) else "failed", error=f"{type(e).__name__}: {e}"[:300])
+
+    def first(name):
+        rows[name] = dict(case, **{label: name})
+        try:
+            out = steps[name]()  # the first call compiles where it compiles
+            if first_call:  # it keeps what it needs; the outputs are not held through the timing
+                rows[name].update(first_call(name, out))
+            else:
+                outs[name] = out
+            del out
+            return True
+        except Exception as e:  # noqa: BLE001 - one failing implementation must not hide the others
+            fail(name, e)
+            return False
+
+    def finish(name, samples):
+        row = rows[name]
+        row.update(status="ok", ms=statistics.median(samples), min_ms=min(samples))
+        if memory:
+            free_memory(device)
+            if not str(device).startswith("cuda"):
+                trim_malloc()
+            row["peak_bytes"] = peak_memory(steps[name], device=device)["delta_bytes"]
+        if on_row:
+            on_row(row)
+
+    names = list(steps)
+    if interleave:
+        active = [n for n in names if first(n)]
+        sync(device)
+        for _ in range(warmup):
+            for n in active:
+                steps[n]()
+        samples = {n: [] for n in active}
+        for i in range(iters):
+            k = i % max(len(active), 1)
+            for n in active[k:] + active[:k]:
+                samples[n].append(time_call(steps[n], device))
+        for n in active:
+            try:
+                finish(n, samples[n])
+            except Exception as e:  # noqa: BLE001
+                fail(n, e)
+    else:
+        for n in names:
+            try:
+                if first(n):
+                    for _ in range(warmup):
+                        steps[n]()
+                    finish(n, [time_call(steps[n], device) for _ in range(iters)])
+            except Exception as e:  # noqa: BLE001
+                fail(n, e)
+            if on_row and rows[n]["status"] != "ok":
+                on_row(rows[n])
+    return [rows[n] for n in names], outs
+
+
+def add_ratios(rows: list[dict], refs, label: str = "impl") -> None:
+    """speedup_vs_<ref> (its time / this one's) and mem_vs_<ref> (this peak / its peak) on every
+    ok row of one case, against each reference implementation in `refs` that ran."""
+    by = {r[label]: r for r in rows if r.get("status") == "ok"}
+    for ref in refs:
+        b = by.get(ref)
+        if b is None:
+            continue
+        for r in by.values():
+            r[f"speedup_vs_{ref}"] = b["ms"] / r["ms"]
+            if r.get("peak_bytes") is not None and b.get("peak_bytes"):
+                r[f"mem_vs_{ref}"] = r["peak_bytes"] / b["peak_bytes"]
+
+
 # ----------------------------------------------------------------------------- ceilings
 
 def datasheet(device_name: str) -> dict:
@@ -298,13 +395,13 @@ def measure_ceilings(device="cuda", *, quick: bool = False) -> dict:
 
 # ----------------------------------------------------------------------------- metadata
 
-_HASHED = ("csrc", "python", "lrc_ext", "tests", "bench", "CMakeLists.txt", "pyproject.toml")
+_HASHED = ("csrc", "python", "lrc_ext", "tests", "bench", "tools", "experiments", "CMakeLists.txt", "pyproject.toml")
 _HASHED_EXT = {".py", ".cpp", ".cu", ".h", ".cuh", ".hpp", ".toml", ".txt", ".sh", ".cmake"}
 
 
 def tree_hash(root: Path = ROOT) -> str:
     """sha256 (16 hex) over the source files that make a result (csrc, python, lrc_ext, tests,
-    bench minus bench/results, CMakeLists.txt, pyproject.toml), path and content. Computed the
+    bench minus bench/results, tools, experiments, CMakeLists.txt, pyproject.toml), path and content. Computed the
     same way with or without .git, so a result from a box without the repository's history
     can be matched to a commit here: `python bench/common.py --tree-hash`."""
     h = hashlib.sha256()
@@ -420,18 +517,6 @@ def _now_iso() -> str:
 
 
 # ----------------------------------------------------------------------------- targets, tables, JSON
-
-def target(key: str, value, *, note: str | None = None) -> dict:
-    """A measured figure against one of TARGETS (unknown keys are kept, with no goal)."""
-    issue, what, op, goal, unit = TARGETS.get(key, (None, key, None, None, ""))
-    met = None
-    if value is not None and goal is not None:
-        met = bool(value >= goal) if op == ">=" else bool(value <= goal)
-    d = {"key": key, "issue": issue, "what": what, "value": value, "op": op, "goal": goal, "unit": unit, "met": met}
-    if note:
-        d["note"] = note
-    return d
-
 
 def fmt(v, digits: int = 3) -> str:
     """Compact human formatting: ints with thousands separators, floats to `digits`

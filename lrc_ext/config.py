@@ -25,6 +25,16 @@ class ConfigError(Exception):
     """A user error (bad flag, bad file, missing data...): one line, exit code 2."""
 
 
+def one_line(what: BaseException | str) -> str:
+    """A library's error, cut to one line for a ConfigError: an exception's first line (the
+    message; later lines are detail), or a process's output's last line (where pip and
+    friends print the error). At most 300 characters."""
+    lines = [line.strip() for line in str(what).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(what).__name__ if isinstance(what, BaseException) else "no output"
+    return (lines[0] if isinstance(what, BaseException) else lines[-1])[:300]
+
+
 def _f(default, help, **kw):
     return field(default=default, metadata={"help": help, **kw})
 
@@ -56,7 +66,7 @@ class TrainConfig:
                               "tokens_per_step / (micro_batch_size * seq_len) micro-batches (rounded up)")
     max_steps: int | None = _f(None, "optimiser steps to run (default 30 unless --max-tokens is given)")
     max_tokens: int | None = _f(None, "train tokens to run (alternative to --max-steps)")
-    # optimiser (spec defaults: AdamW 0.9/0.999, lr 1e-4, linear schedule, 0.5% warmup, clip 1.0)
+    # optimiser (the paper's defaults: AdamW 0.9/0.999, lr 1e-4, linear schedule, 0.5% warmup, clip 1.0)
     lr: float = _f(1e-4, "peak learning rate (AdamW, betas 0.9/0.999)")
     warmup: float = _f(0.005, "warmup: a fraction of the steps if < 1, else a number of steps; "
                        "then linear decay to zero")

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 
-from .config import DEFAULT_DATA, ConfigError
+from .config import DEFAULT_DATA, ConfigError, one_line
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet", ".csv": "csv"}
@@ -60,7 +60,7 @@ def open_documents(spec: str, text_field: str, split: str, streaming: bool):
             ds = datasets.load_dataset(kind, data_files=[str(p) for p in files], split="train",
                                        streaming=streaming, **extra)
         except Exception as e:
-            raise DataError(f"--data {spec}: cannot read it as {kind}: {_one_line(e)}") from None
+            raise DataError(f"--data {spec}: cannot read it as {kind}: {one_line(e)}") from None
     elif spec.startswith((".", "/", "~")) or Path(spec).suffix.lower() in BUILDERS:
         raise DataError(f"--data {spec}: no such file or directory")
     else:
@@ -68,17 +68,12 @@ def open_documents(spec: str, text_field: str, split: str, streaming: bool):
             ds = datasets.load_dataset(spec, split=split, streaming=streaming)
         except Exception as e:
             raise DataError(f"--data {spec}: not a local file or directory, and the HF hub could not "
-                            f"provide it: {_one_line(e)}") from None
+                            f"provide it: {one_line(e)}") from None
     cols = ds.column_names if ds.column_names is not None else list(next(iter(ds), {}).keys())
     if text_field not in cols:
         raise DataError(f"--data {spec}: no column {text_field!r} (columns: {', '.join(cols) or 'none'}); "
                         f"pick one with --text-field")
     return ds
-
-
-def _one_line(e: Exception) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(e).__name__)[:300]
 
 
 def _tokenize_batch(tokenizer, texts: list) -> list[list[int]]:

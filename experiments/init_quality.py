@@ -2,14 +2,16 @@
 
 Real teacher (SmolLM2-135M-Instruct, the trainer's default), calibration tokens from the training
 split of Python's documentation (pydoc_data.topics, packed as the trainer packs it), CE on the
-held-out split the trainer evaluates on. Writes bench/results/init_quality.json, prints a table.
+held-out split the trainer evaluates on, scored by the trainer's own evaluation
+(lrc_ext.train.evaluate, teacher_ce). Writes bench/results/init_quality.json, prints a table.
 
-    python bench/init_quality.py                      # ~ a few minutes on 2 CPU cores
-    python bench/init_quality.py --widths 288 --calibration-tokens 8192
+    python experiments/init_quality.py                      # ~ a few minutes on 2 CPU cores
+    python experiments/init_quality.py --widths 288 --calibration-tokens 8192
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 VARIANTS = {
     "normal": ("normal", None, None),
     "pca raw, set, untied": ("pca", False, dict(basis="raw", refit=False)),
-    "pca normalized, set, untied (issue's rough try)": ("pca", False, dict(basis="normalized", refit=False)),
+    "pca normalized, set, untied (the first rough try)": ("pca", False, dict(basis="normalized", refit=False)),
     "pca normalized, set, tied": ("pca", None, dict(basis="normalized", refit=False)),
     "pca read, set, tied": ("pca", None, dict(basis="read", refit=False)),
     "pca normalized, refit, tied (default)": ("pca", None, dict(basis="normalized", refit=True)),
@@ -46,7 +48,7 @@ def main(argv=None):
     ap.add_argument("--ridge", type=float, default=None, help="override the ridge of every refit variant")
     ap.add_argument("--variants", default=",".join(map(str, DEFAULT)),
                     help=f"comma-separated indices into {list(VARIANTS)}, or 'all'")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "init_quality.json"))
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "bench" / "results" / "init_quality.json"))
     args = ap.parse_args(argv)
     torch.manual_seed(0)
     from transformers.utils import logging as hf_logging
@@ -66,26 +68,16 @@ def main(argv=None):
     ev = data.eval
     print(f"teacher {src}; calibration {cal.numel()} train tokens; held-out {ev.numel()} tokens", flush=True)
 
-    def ce(model):
-        model.eval()
-        tot, n = 0.0, 0
-        for i in range(0, ev.shape[0], 2):
-            x = ev[i:i + 2]
-            with torch.no_grad():
-                out = model(x)
-            k = x.shape[0] * (x.shape[1] - 1)
-            tot, n = tot + float(out.lm) * k, n + k
-        return tot / n
+    from lrc_ext.distributed import Parallel
+    from lrc_ext.train import evaluate, teacher_ce
+    cfg.micro_batch_size = 2
+    score = dict(cfg=cfg, device=torch.device("cpu"), amp=contextlib.nullcontext(), par=Parallel("none"))
 
-    with torch.no_grad():
-        t_tot, t_n = 0.0, 0
-        for i in range(0, ev.shape[0], 2):
-            x = ev[i:i + 2]
-            z = teacher(x).logits[:, :-1].float()
-            t_tot += float(torch.nn.functional.cross_entropy(z.reshape(-1, z.shape[-1]), x[:, 1:].reshape(-1),
-                                                             reduction="sum"))
-            t_n += x[:, 1:].numel()
-    res = {"teacher": src, "teacher_ce": t_tot / t_n, "calibration_tokens": int(cal.numel()),
+    def ce(model):  # the student's held-out CE, as the trainer's evaluation reports it
+        return evaluate(model, ev, **score)["eval_lm"]
+
+    t_ce = teacher_ce(teacher, ev, **score)
+    res = {"teacher": src, "teacher_ce": t_ce, "calibration_tokens": int(cal.numel()),
            "eval_tokens": int(ev.numel()), "seq_len": args.seq_len, "data": cfg.data, "rows": []}
     print(f"teacher CE {res['teacher_ce']:.3f}", flush=True)
     out = Path(args.out)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command for a lent GPU box: build, test, sanitise, benchmark, collect. From the repo root:
 #
-#   LRC_COMMIT=<sha> bash bench/gpu_suite.sh [STAGE ...]
+#   LRC_COMMIT=<sha> bash tools/gpu_suite.sh [STAGE ...]
 #
 # Stages, run in the order given:
 #   info      nvidia-smi, python/torch/CUDA/nvcc versions, tools present
@@ -17,7 +17,7 @@
 #   micro     every bench/bench_*.py except bench_step.py, each with --json
 #   step      bench/bench_step.py --shape S for S in $LRC_STEP_SHAPES, each with --json
 #   fulltest  the whole test suite (python3 -m pytest -q, junit XML)
-#   collect   bench/collect_results.py -> $OUT/results-<date>-<device>-<commit>[-TAG].{json,md}
+#   collect   tools/collect_results.py -> $OUT/results-<date>-<device>-<commit>[-TAG].{json,md}
 #             and $OUT/logs.tar.gz (always runs last, also when no stage is named)
 # Presets: all (default) = info build test sanitize micro step collect
 #          part1 = info build test sanitize micro      (first of two 10-minute calls)
@@ -287,7 +287,7 @@ stage_collect() {
   write_env
   local junit=() f
   for f in "$WORK"/junit_*.xml; do [ -f "$f" ] && junit+=("$f"); done
-  $PY bench/collect_results.py "$WORK/json" --steps "$WORK/steps.jsonl" --junit "${junit[@]}" \
+  $PY tools/collect_results.py "$WORK/json" --steps "$WORK/steps.jsonl" --junit "${junit[@]}" \
     --logs "$WORK/logs" --out-dir "$OUT" ${TAG:+--tag "$TAG"} --print 2>&1 | tail -c 9000
   # logs, each cut to its last 3000 lines, in one archive
   rm -rf "$WORK/logs_tail" && mkdir -p "$WORK/logs_tail"

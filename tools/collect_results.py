@@ -1,13 +1,13 @@
 """Merge benchmark JSON files into one results JSON and a markdown table; regenerate the
 "latest figures against the targets" table of bench/results/README.md.
 
-    # on the GPU box (bench/gpu_suite.sh does this):
-    python bench/collect_results.py WORK/json --steps WORK/steps.jsonl --junit WORK/junit_cuda.xml \
+    # on the GPU box (tools/gpu_suite.sh does this):
+    python tools/collect_results.py WORK/json --steps WORK/steps.jsonl --junit WORK/junit_cuda.xml \
         --logs WORK/logs --out-dir $OUT
     # here, after copying a run's results-*.json into bench/results/:
-    python bench/collect_results.py --readme bench/results/README.md bench/results
+    python tools/collect_results.py --readme bench/results/README.md bench/results
     # merge two calls of one suite run (part1 + part2) into one file:
-    python bench/collect_results.py a.json b.json --out-dir bench/results
+    python tools/collect_results.py a.json b.json --out-dir bench/results
 
 Inputs: per-bench JSON files written by common.write_json (schema lrc_ext.bench/1),
 merged results files written by this script (schema lrc_ext.results/1), or directories
@@ -24,10 +24,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import TARGETS, fmt, format_table  # noqa: E402  (common imports torch lazily only)
+sys.path.insert(1, str(Path(__file__).resolve().parents[1] / "bench"))
+from common import fmt, format_table  # noqa: E402  (common imports torch lazily only)
+from targets import TARGETS, group  # noqa: E402
 
 RESULTS_SCHEMA = "lrc_ext.results/1"
-BEGIN, END = "<!-- BEGIN RESULTS (bench/collect_results.py --readme) -->", "<!-- END RESULTS -->"
+BEGIN, END = "<!-- BEGIN RESULTS (tools/collect_results.py --readme) -->", "<!-- END RESULTS -->"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -264,10 +266,10 @@ def _bottleneck(rows):
 
 
 def targets_md(targets: list[dict]) -> str:
-    rows = [{"issue": t.get("issue"), "what": t.get("what"), "value": t.get("value"),
+    rows = [{"group": t.get("group") or group(t.get("key", "")), "what": t.get("what"), "value": t.get("value"),
              "goal": f"{t.get('op') or ''} {fmt(t.get('goal'))}", "met": _met(t), "bench": t.get("bench"),
              "note": t.get("note")} for t in targets]
-    return format_table(rows, ["issue", "what", "value", "goal", "met", "bench", "note"])
+    return format_table(rows, ["group", "what", "value", "goal", "met", "bench", "note"])
 
 
 def _met(t):
@@ -308,7 +310,7 @@ def results_md(res: dict, full: bool = True) -> str:
 # ----------------------------------------------------------------------------- README
 
 def readme_table(paths) -> str:
-    """Every target of issues 5, 6, 8: the latest qualifying figure (a CUDA run of the target
+    """Every target in tools/targets.py: the latest qualifying figure (a CUDA run of the target
     configuration) from the results files, else the latest figure of any run, flagged."""
     benches, *_ = read_inputs(paths)
     # read_inputs keeps the newest payload per bench key; for the README look at all files
@@ -332,21 +334,21 @@ def readme_table(paths) -> str:
             if old is None or (cand[0], cand[1]) > (old[0], old[1]):
                 best[t["key"]] = cand
     rows = []
-    for key, (issue, what, op, goal, unit) in TARGETS.items():
+    for key, (what, op, goal, unit) in TARGETS.items():
         b = best.get(key)
         if b is None:
-            rows.append({"issue": issue, "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
+            rows.append({"group": group(key), "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
                          "latest": "not measured", "status": "-", "device / date / commit": "-", "file": "-"})
             continue
         q, date, t, bm, fname = b
         status = ("MET" if t.get("met") else "not met") if q else "no GPU figure yet"
-        rows.append({"issue": issue, "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
+        rows.append({"group": group(key), "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
                      "latest": fmt(t.get("value")) + ("" if q else f" ({bm.get('device_kind')}, not the target setup)"),
                      "status": status,
                      "device / date / commit": f"{bm.get('device', '?')} / {str(date)[:10]} / "
                                                f"{str(bm.get('commit', '?'))[:10]}",
                      "file": fname})
-    out = [format_table(rows, ["issue", "target", "goal", "latest", "status", "device / date / commit", "file"]), ""]
+    out = [format_table(rows, ["group", "target", "goal", "latest", "status", "device / date / commit", "file"]), ""]
     # the latest CUDA step figures, every mode
     steps = sorted(((b.get("meta") or {}).get("date", ""), k, b, fname) for k, b, fname in allb
                    if b.get("bench") == "bench_step" and (b.get("meta") or {}).get("device_kind") == "cuda")

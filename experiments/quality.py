@@ -1,8 +1,8 @@
-"""Token efficiency of Low-Rank Clone against baselines, on a real teacher and real text (issue 9).
+"""Token efficiency of Low-Rank Clone against baselines, on a real teacher and real text.
 
 One command:
 
-    PYTHONPATH=. python bench/quality.py --budget-tokens 8192 --device cpu
+    python experiments/quality.py --budget-tokens 8192 --device cpu
 
 Runs at one equal training-token budget, same data order, same held-out text:
 
@@ -44,10 +44,14 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's lrc_ext
+from lrc_ext.train import NonFiniteLoss  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = "/usr/share/doc/python3.11/html/_sources"
@@ -191,14 +195,57 @@ def kl_batchmean(z_s, z_t, tau: float, batch: int):
                     reduction="sum") / batch
 
 
-class Run:
-    """One training run: .step(ids) -> dict of train-loss figures; .student() -> stock model."""
+class ScratchObjective(nn.Module):
+    """A stock student from random init with its baseline loss, shaped as LowRankClone's output
+    (.loss, .lm, .kl, .clone), so the trainer's step trains it: CE, + KL to the teacher when
+    `kl`, + alpha * TinyBERT's hidden-state MSE when `hidden` (logged as clone "hidden_mse")."""
 
-    def __init__(self, name, teacher, args, train_rows, device):
+    def __init__(self, student, teacher, kl: bool, hidden: TinyBertHidden | None, tau: float, alpha: float):
+        super().__init__()
+        self.student, self.hidden, self.kl, self.tau, self.alpha = student, hidden, kl, tau, alpha
+        self._teacher = (teacher,)  # not a submodule: its parameters are not the student's
+
+    def forward(self, ids):
+        want_h = self.hidden is not None
+        out = self.student(input_ids=ids, output_hidden_states=want_h)
+        z_s = out.logits[:, :-1]
+        lm = F.cross_entropy(z_s.flatten(0, 1).float(), ids[:, 1:].flatten())
+        kl, clone, total = torch.zeros((), device=ids.device), {}, lm
+        if self.kl or want_h:
+            with torch.no_grad():
+                t_out = self._teacher[0](input_ids=ids, output_hidden_states=want_h)
+            if self.kl:
+                kl = kl_batchmean(z_s.float(), t_out.logits[:, :-1].float(), self.tau, ids.shape[0])
+                total = total + kl
+            if want_h:
+                clone["hidden_mse"] = self.hidden(out.hidden_states, t_out.hidden_states)
+                total = total + self.alpha * clone["hidden_mse"]
+        return SimpleNamespace(loss=total, lm=lm, kl=kl, clone=clone)
+
+
+class Rows:
+    """The experiment's train rows as the trainer reads data: batch(pos, n) = rows pos..pos+n-1,
+    wrapping around (more than one epoch repeats rows)."""
+
+    def __init__(self, rows: torch.Tensor):
+        self.rows = rows
+
+    def batch(self, pos: int, n: int) -> torch.Tensor:
+        return self.rows[torch.arange(pos, pos + n) % self.rows.shape[0]]
+
+
+class Run:
+    """One training run on the trainer's own step (lrc_ext.train.Trainer.train_step, with its
+    schedule lr_at, clipping and AdamW): .step() -> dict of train-loss figures; .student() ->
+    a stock model."""
+
+    def __init__(self, name, teacher, args, train_rows, device, steps: int, warmup: int):
         from lrc_ext import LowRankClone
+        from lrc_ext.config import TrainConfig
         from lrc_ext.families import student_config
+        from lrc_ext.train import Trainer
         label, kind, opts = RUNS[name]
-        self.kind, self.teacher, self.args, self.extra = kind, teacher, args, {}
+        self.kind, self.extra = kind, {}
         torch.manual_seed(args.seed)
         width = args.width2 if opts.get("width") == "width2" else args.width
         if kind == "lrc":
@@ -206,9 +253,8 @@ class Run:
             if kw is None:
                 raise NotImplementedError("LowRankClone has no `init` argument yet")
             t0 = time.time()
-            self.model = LowRankClone(teacher, width, tau=args.tau, alpha=args.alpha, **kw).to(device)
+            self.model = module = LowRankClone(teacher, width, tau=args.tau, alpha=args.alpha, **kw).to(device)
             self.extra["init_s"] = round(time.time() - t0, 1)
-            params = self.model.trainable_parameters()
             lr = opts.get("lr", args.lr_lrc)
         else:
             from transformers import AutoModelForCausalLM
@@ -216,62 +262,36 @@ class Run:
                                  teacher.get_output_embeddings().weight)
             cfg._attn_implementation = teacher.config._attn_implementation
             self.model = AutoModelForCausalLM.from_config(cfg).to(device).train()
-            self.kl, self.hidden = opts["kl"], None
-            params = list(self.model.parameters())
-            if opts["hidden"]:
-                self.hidden = TinyBertHidden(cfg.num_hidden_layers + 1, width, teacher.config.hidden_size).to(device)
-                params += list(self.hidden.parameters())
+            hidden = (TinyBertHidden(cfg.num_hidden_layers + 1, width, teacher.config.hidden_size).to(device)
+                      if opts["hidden"] else None)
+            module = ScratchObjective(self.model, teacher, opts["kl"], hidden, args.tau, args.alpha)
             lr = args.lr_scratch
-        self.params, self.lr = params, lr
-        self.n_trainable = sum(p.numel() for p in params)
-        self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+        self.kl, self.hidden = opts.get("kl", True), opts.get("hidden", False)
+        tcfg = TrainConfig(lr=lr, warmup=warmup, max_steps=steps, micro_batch_size=args.micro_batch,
+                           seq_len=args.seq_len, tokens_per_step=args.micro_batch * args.seq_len,
+                           grad_clip=args.clip, weight_decay=0.0, tau=args.tau, alpha=args.alpha, seed=args.seed)
+        self.trainer = Trainer(tcfg, module, Rows(train_rows), device=device)
+        self.lr = lr
+        self.n_trainable = sum(p.numel() for p in self.trainer.params)
         self.settings = dict(kind=kind, width=width, lr=lr, trainable_params=self.n_trainable,
                              **{k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()
                                 if k not in ("width", "lr")})
 
-    def loss(self, ids):
-        a = self.args
+    def step(self) -> dict:
+        """One optimiser step of the trainer; the figures this experiment logs."""
+        rec = self.trainer.train_step()
+        fig = dict(loss=rec["loss"], grad_norm=rec["grad_norm"], lm=rec["lm"])
         if self.kind == "lrc":
-            out = self.model(ids)
-            return out.loss, dict(lm=out.lm.item(), kl=out.kl.item(),
-                                  clone=sum(v for v in out.clone.values()).item())
-        need_t = self.kl or self.hidden is not None
-        out = self.model(input_ids=ids, output_hidden_states=self.hidden is not None)
-        z_s = out.logits[:, :-1]
-        lm = F.cross_entropy(z_s.flatten(0, 1).float(), ids[:, 1:].flatten())
-        total, fig = lm, dict(lm=lm.item())
-        if need_t:
-            with torch.no_grad():
-                t_out = self.teacher(input_ids=ids, output_hidden_states=self.hidden is not None)
+            fig.update(kl=rec["kl"], clone=rec["clone"])
+        else:
             if self.kl:
-                kl = kl_batchmean(z_s.float(), t_out.logits[:, :-1].float(), a.tau, ids.shape[0])
-                total = total + kl
-                fig["kl"] = kl.item()
-            if self.hidden is not None:
-                mse = self.hidden(out.hidden_states, t_out.hidden_states)
-                total = total + a.alpha * mse
-                fig["hidden_mse"] = mse.item()
-        return total, fig
-
-    def step(self, ids, lr):
-        for g in self.opt.param_groups:
-            g["lr"] = lr
-        loss, fig = self.loss(ids)
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        gn = torch.nn.utils.clip_grad_norm_(self.params, self.args.clip)
-        self.opt.step()
-        return dict(loss=loss.item(), grad_norm=float(gn), **fig)
+                fig["kl"] = rec["kl"]
+            if self.hidden:
+                fig["hidden_mse"] = rec["clone_hidden_mse"]
+        return fig
 
     def student(self):
         return self.model.build_student_model() if self.kind == "lrc" else self.model
-
-
-def lr_at(step: int, peak: float, warmup: int, total: int) -> float:
-    """lrc_ext.train's schedule: linear warmup to peak over `warmup` steps, then linear decay to 0."""
-    if step < warmup:
-        return peak * (step + 1) / (warmup + 1)
-    return peak * max(0.0, (total - step) / max(1, total - warmup))
 
 
 def eval_steps(total: int, n: int) -> list[int]:
@@ -398,14 +418,14 @@ def plot(res, path: Path):
 def readme(res) -> str:
     m, s, d = res["meta"], res["summary"], res["data"]
     lines = [
-        "# Token efficiency: LRC vs baselines (issue 9)", "",
-        f"Generated by `{m['command']}` (bench/quality.py); rewritten after every evaluation.", "",
+        "# Token efficiency: LRC vs baselines", "",
+        f"Generated by `{m['command']}` (experiments/quality.py); rewritten after every evaluation.", "",
         f"- budget: {m['budget_tokens']:,} training tokens per run ({m['steps']} steps x {m['micro_batch']} rows x "
         f"{m['seq_len']} tokens), equal for every run",
         f"- machine: {m['machine']}; device {m['device']}; torch {m['torch']}, transformers {m['transformers']}",
         f"- date: {m['date']}; commit: {m['commit']}",
         f"- teacher: {m['teacher_name']} ({m['teacher_source']}); student width {m['width']}",
-        f"- optimiser: AdamW (0.9, 0.999), wd 0; lr {m['lr_lrc']:g} for LRC runs (spec), {m['lr_scratch']:g} for "
+        f"- optimiser: AdamW (0.9, 0.999), wd 0; lr {m['lr_lrc']:g} for LRC runs (the paper's), {m['lr_scratch']:g} for "
         f"from-scratch runs; linear schedule, {m['warmup_steps']} warmup step(s), clip {m['clip']}; tau {m['tau']}, "
         f"alpha {m['alpha']} (LRC clone and TinyBERT hidden MSE)",
         f"- data: {d['corpus']}: {d['documents']} documents; held-out {d['heldout_documents']} documents / "
@@ -510,6 +530,53 @@ def parse(argv):
     return ap.parse_args(argv)
 
 
+def train_run(name, res, teacher, args, train, evals, device, steps: int, warmup: int, at, out):
+    """One run of RUNS on the trainer's step: held-out CE at step 0 and at every step in `at`,
+    the train log, the final CE on the big eval rows; results rewritten after every point."""
+    rec, (ev, ev_big) = res["runs"][name], evals
+    try:
+        run = Run(name, teacher, args, train, device, steps, warmup)
+    except NotImplementedError as e:
+        rec["status"] = f"skipped: {e}"
+        say(f"{name}: {rec['status']}")
+        write_outputs(res, out)
+        return
+    rec.update(label=RUNS[name][0], settings=run.settings, status="running", points=[], train_log=[],
+               **({"extra": run.extra} if run.extra else {}))
+    say(f"{name}: {run.settings}")
+    tr_s = 0.0
+
+    def point(step):
+        t = time.time()
+        ce = eval_ce(run.student(), ev, device)
+        rec["points"].append(dict(step=step, tokens=step * args.micro_batch * args.seq_len, ce=ce,
+                                  train_s=round(tr_s, 1)))
+        rec["eval_s"] = round(rec.get("eval_s", 0) + time.time() - t, 1)
+        say(f"{name}: step {step}/{steps} tokens {rec['points'][-1]['tokens']:,} held-out CE {ce:.4f} "
+            f"(train {tr_s:.0f}s)")
+        write_outputs(res, out)
+
+    point(0)
+    for step in range(steps):
+        t = time.time()
+        try:
+            fig = run.step()
+        except NonFiniteLoss as e:
+            rec["status"] = str(e)
+            say(f"{name}: {rec['status']}")
+            break
+        tr_s += time.time() - t
+        rec["train_log"].append(dict(step=step + 1, **{k: round(v, 5) for k, v in fig.items()}))
+        if step + 1 in at:
+            point(step + 1)
+    else:
+        rec["tokens_per_s"] = round(res["meta"]["budget_tokens"] / tr_s, 1)
+        rec["final_ce_big"] = eval_ce(run.student(), ev_big, device)
+        rec["done"], rec["status"] = True, "done"
+        say(f"{name}: done, final CE (big) {rec['final_ce_big']:.4f}, {rec['tokens_per_s']} tok/s")
+    write_outputs(res, out)
+
+
 def main(argv=None) -> int:
     args = parse(argv)
     if args.render:
@@ -542,7 +609,7 @@ def main(argv=None) -> int:
     warmup = max(1, round(args.warmup * steps)) if args.warmup < 1 else int(args.warmup)
     budget = steps * args.micro_batch * args.seq_len
     at = eval_steps(steps, args.evals)
-    meta = dict(command="python bench/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+    meta = dict(command="python experiments/quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
                 budget_tokens=budget, steps=steps, micro_batch=args.micro_batch, seq_len=args.seq_len,
                 eval_at_steps=at, eval_seqs=int(ev.shape[0]), final_eval_seqs=int(ev_big.shape[0]),
                 width=args.width, width2=args.width2, lr_lrc=args.lr_lrc, lr_scratch=args.lr_scratch, warmup_steps=warmup,
@@ -573,53 +640,8 @@ def main(argv=None) -> int:
     write_outputs(res, out)
 
     for name in runs:
-        rec = res["runs"][name]
-        if rec.get("done"):
-            continue
-        try:
-            run = Run(name, teacher, args, train, device)
-        except NotImplementedError as e:
-            rec["status"] = f"skipped: {e}"
-            say(f"{name}: {rec['status']}")
-            write_outputs(res, out)
-            continue
-        rec.update(label=RUNS[name][0], settings=run.settings, status="running", points=[], train_log=[],
-                   **({"extra": run.extra} if run.extra else {}))
-        say(f"{name}: {run.settings}")
-        tr_s = 0.0
-
-        def point(step):
-            t = time.time()
-            ce = eval_ce(run.student(), ev, device)
-            rec["points"].append(dict(step=step, tokens=step * args.micro_batch * args.seq_len, ce=ce,
-                                      train_s=round(tr_s, 1)))
-            rec["eval_s"] = round(rec.get("eval_s", 0) + time.time() - t, 1)
-            say(f"{name}: step {step}/{steps} tokens {rec['points'][-1]['tokens']:,} held-out CE {ce:.4f} "
-                f"(train {tr_s:.0f}s)")
-            write_outputs(res, out)
-
-        point(0)
-        for step in range(steps):
-            i = step * args.micro_batch
-            idx = torch.arange(i, i + args.micro_batch) % train.shape[0]
-            ids = train[idx].to(device)
-            t = time.time()
-            fig = run.step(ids, lr_at(step, run.lr, warmup, steps))
-            tr_s += time.time() - t
-            if not all(math.isfinite(v) for v in fig.values()):
-                rec["status"] = f"non-finite loss at step {step}: {fig}"
-                say(f"{name}: {rec['status']}")
-                break
-            rec["train_log"].append(dict(step=step + 1, **{k: round(v, 5) for k, v in fig.items()}))
-            if step + 1 in at:
-                point(step + 1)
-        else:
-            rec["tokens_per_s"] = round(budget / tr_s, 1)
-            rec["final_ce_big"] = eval_ce(run.student(), ev_big, device)
-            rec["done"], rec["status"] = True, "done"
-            say(f"{name}: done, final CE (big) {rec['final_ce_big']:.4f}, {rec['tokens_per_s']} tok/s")
-        write_outputs(res, out)
-        del run
+        if not res["runs"][name].get("done"):
+            train_run(name, res, teacher, args, train, (ev, ev_big), device, steps, warmup, at, out)
     say(f"summary: {json.dumps(res['summary'], indent=1)}")
     return 0
 
