@@ -261,7 +261,7 @@ stage_micro() {
   for f in bench/bench_*.py; do
     name=$(basename "$f" .py)
     [ "$name" = bench_step ] && continue
-    local cap=240; [ "$name" = bench_mse_grad ] && cap=120
+    local cap=240
     var="LRC_ARGS_$name"; extra=${!var:-}
     if grep -q -- "--json" "$f"; then
       run_step "$name" "$cap" $PY "$f" --json "$WORK/json/$name.json" $q $extra
