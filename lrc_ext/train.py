@@ -8,7 +8,7 @@ Read top to bottom: config -> teacher -> data -> model -> optimiser (-> resume) 
 (accumulate, clip, step, log, evaluate, checkpoint) -> export -> verify -> plot.
 
 The output directory holds config.yaml, log.jsonl, loss.png, checkpoints/, student/ (and
-tensorboard/ when TensorBoard is installed). Exit codes: 0 done; 2 bad config, missing
+tensorboard/ or wandb/ with --report-to). Exit codes: 0 done; 2 bad config, missing
 file, empty data or unsupported teacher (one line on stderr); 3 non-finite loss (step and
 term named; no checkpoint of the bad step); 130 interrupted (Ctrl-C / SIGTERM: the last
 finished step is checkpointed first, so `--resume` continues from it); 4 another rank of a
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, distributed
+from . import checkpoint, config, distributed, loggers
 from .config import ConfigError, TrainConfig
 
 PROG = "lrc_ext.train"
@@ -302,14 +302,10 @@ def train(argv=None) -> int:
     elif par.is_main:
         out.mkdir(parents=True, exist_ok=True)
         log_path.write_text("")
-    tb = None
+    reporters = None  # --report-to: TensorBoard / wandb (lrc_ext/loggers.py), rank 0 only
     if par.is_main:
         config.save_yaml(cfg, out / "config.yaml")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
-        except ImportError:
-            pass
+        reporters = loggers.open_all(cfg.report_to, out, step, cfg.to_dict())
 
     def save(step):
         # every rank gathers (collectives under FSDP); rank 0 writes
@@ -411,10 +407,8 @@ def train(argv=None) -> int:
             if par.is_main and (step % cfg.log_every == 0 or "eval_lm" in rec or last_step):
                 log.write(json.dumps(rec) + "\n")
                 log.flush()
-                if tb is not None:
-                    for k, v in rec.items():
-                        if k != "step":
-                            tb.add_scalar(k, v, step)
+                if reporters is not None:
+                    reporters.log(rec, step)
             if par.is_main and "eval_lm" in rec:
                 plot.plot(log_path, out / "loss.png")
             if (cfg.save_every and step % cfg.save_every == 0) or last_step or halt:
@@ -426,8 +420,8 @@ def train(argv=None) -> int:
         if log is not None:
             log.close()
         stop.restore()
-        if tb is not None:
-            tb.close()
+        if reporters is not None:
+            reporters.close()
     if halt:
         resume_cmd = "torchrun ... -m" if par.world > 1 else "python -m"
         say(f"stopped by {halt} after step {step}; checkpoint {checkpoint.latest(ckpt_root)}; continue with "
