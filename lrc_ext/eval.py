@@ -214,9 +214,9 @@ def average(rows: list[dict]) -> dict:
             "difference": mean("difference")}
 
 
-def markdown(rows: list[dict], avg: dict | None, teacher: bool, unit: str) -> str:
+def markdown(rows: list[dict], avg: dict | None, teacher: bool, unit: str, digits: int = 2) -> str:
     def f(v):
-        return "" if v is None else f"{v:.2f}" if abs(v) < 1e4 else f"{v:.4g}"
+        return "" if v is None else f"{v:.{digits}f}" if abs(v) < 1e4 else f"{v:.4g}"
     head = ["task", "metric", "student"] + (["teacher", "student - teacher"] if teacher else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rows + ([avg] if avg else []):
@@ -259,6 +259,7 @@ def run(a) -> dict:
         unit = (f"held-out: the first {student['sequences']} sequences of {a.seq_len} tokens of {a.data} "
                 f"({student['predicted_tokens']:,} predicted tokens)")
     return {"student": student, "teacher": teacher, "rows": rows, "average": avg, "unit": unit,
+            "digits": 2 if a.tasks is not None else 4,
             "settings": {k: v for k, v in vars(a).items()}}
 
 
@@ -275,7 +276,8 @@ def main(argv=None) -> int:
     out = Path(a.output or time.strftime("eval-%Y%m%d-%H%M%S.json"))
     md = out.with_suffix(".md") if out.suffix == ".json" else out.with_name(out.name + ".md")
     out.parent.mkdir(parents=True, exist_ok=True)
-    table = markdown(report["rows"], report["average"], report["teacher"] is not None, report["unit"])
+    table = markdown(report["rows"], report["average"], report["teacher"] is not None, report["unit"],
+                     report["digits"])
     out.write_text(json.dumps(report, indent=1, default=str) + "\n")
     md.write_text(table)
     print(table + f"\n-> {out}, {md}")
