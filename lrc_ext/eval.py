@@ -42,7 +42,8 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from .config import DEFAULT_TEACHER
-    p = _Parser(prog=f"python -m {PROG}", description=__doc__.split("\n\n")[0].split(": ", 1)[1])
+    p = _Parser(prog=f"python -m {PROG}", description="Score an exported student, and its teacher beside it, on lm-eval "
+                "tasks (the paper's nine: --tasks paper) or by held-out perplexity (--data).")
     p.add_argument("model_dir", metavar="MODEL_DIR", help="an exported student (a Hugging Face model directory)")
     p.add_argument("--teacher", metavar="T", help=f"also score this teacher (a HF directory, a .gguf file, a hub id, "
                    f"or {DEFAULT_TEACHER}) and report student - teacher")
@@ -189,7 +190,8 @@ def _load(what: str, load, path):
     try:
         return load(path)
     except Exception as e:
-        raise ConfigError(f"MODEL_DIR {path}: cannot load its {what}: {str(e).strip().splitlines()[-1][:300]}") from None
+        why = (str(e).strip().splitlines() or [type(e).__name__])[-1][:300]
+        raise ConfigError(f"MODEL_DIR {path}: cannot load its {what}: {why}") from None
 
 
 # ---- the report -------------------------------------------------------------------------------

@@ -9,7 +9,9 @@ receives exactly the records written to log.jsonl, every key but ``step`` (the x
 * wandb: a Weights & Biases run (``pip install "lrc_ext[wandb]"``) with the resolved config,
   its files in OUTPUT_DIR/wandb/. Project from ``WANDB_PROJECT`` (default ``lrc_ext``), name
   from the output directory; the run id is kept in OUTPUT_DIR/wandb/lrc_run_id so ``--resume``
-  continues the same run. ``WANDB_MODE=offline`` writes it locally (``wandb sync`` later).
+  continues the same run (wandb's steps only grow: steps a killed run had sent past its last
+  checkpoint keep their first values there; log.jsonl holds the resumed ones).
+  ``WANDB_MODE=offline`` writes it locally (``wandb sync`` later).
 
 No torch import here: config validation calls ``parse`` before anything heavy loads.
 """

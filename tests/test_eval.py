@@ -124,7 +124,8 @@ def test_tasks_student_and_teacher_side_by_side(models, tasks, tmp_path, capsys)
 def test_table_without_teacher():
     rows = ev.compare({"table": {"a": {"metric": "acc", "value": 0.5}}}, None, percent=True)
     assert rows == [{"task": "a", "metric": "acc", "student": 50.0, "teacher": None, "difference": None}]
-    assert ev.markdown(rows, None, False, "u") == "| task | metric | student |\n|---|---|---:|\n| a | acc | 50.00 |\n\nu\n"
+    md = ev.markdown(rows, None, False, "u")
+    assert md == "| task | metric | student |\n|---|---|---:|\n| a | acc | 50.00 |\n\nu\n"
 
 
 def test_paper_names_the_nine_tasks():
