@@ -95,6 +95,8 @@ class TrainConfig:
     save_every: int = _f(10, "checkpoint every N steps (0: only at the end)")
     keep_checkpoints: int = _f(2, "keep the last K checkpoints")
     log_every: int = _f(1, "write a log.jsonl line every N steps")
+    report_to: str = _f("auto", "where the log.jsonl records also go: none, tensorboard, wandb, or several "
+                        "(comma-separated or the flag repeated); auto: tensorboard when installed", repeat=True)
     prompt: str = _f("The Python for statement", "prompt for the greedy continuation printed at the end")
     gen_tokens: int = _f(24, "tokens of greedy continuation printed at the end (0: none)")
 
@@ -156,6 +158,8 @@ def coerce(name: str, value, where: str):
             return value
     elif isinstance(value, str):
         return value
+    elif f.metadata.get("repeat") and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return ",".join(value)  # a YAML list for a repeatable flag
     raise ConfigError(f"{where}: setting '{name}' must be {t.__name__}, got {value!r}")
 
 
@@ -205,7 +209,8 @@ def build_parser(prog: str = "python -m lrc_ext.train") -> argparse.ArgumentPars
             else:
                 p.add_argument(_flag(name), dest=name, action="store_true", help=help)
         else:
-            p.add_argument(_flag(name), dest=name, type=t, metavar=name.split("_")[-1].upper(), help=help)
+            p.add_argument(_flag(name), dest=name, type=t, metavar=name.split("_")[-1].upper(), help=help,
+                           **({"action": "append"} if f.metadata.get("repeat") else {}))
     return p
 
 
@@ -214,7 +219,7 @@ def parse(argv=None) -> tuple[TrainConfig, dict]:
     (file and flags), which --resume lays over the checkpoint's own config."""
     ns = vars(build_parser().parse_args(argv))
     given = read_file(ns.pop("config")) if "config" in ns else {}
-    flags = ns
+    flags = {k: ",".join(v) if isinstance(v, list) else v for k, v in ns.items()}  # repeated flags
     # --max-steps and --max-tokens are alternatives: a flag for one clears the other from the file.
     if "max_tokens" in flags and "max_steps" not in flags:
         given.pop("max_steps", None)
@@ -262,6 +267,8 @@ def validate(cfg: TrainConfig):
     need(cfg.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {cfg.keep_checkpoints}")
     need(cfg.log_every >= 1, f"--log-every must be >= 1, got {cfg.log_every}")
     need(not cfg.resume or cfg.output_dir, "--resume needs --output-dir (the run to continue)")
+    from .loggers import parse as report_to
+    report_to(cfg.report_to)  # a bad name, or a backend that is not installed: ConfigError
 
 
 def default_output_dir() -> str:

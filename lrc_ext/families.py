@@ -26,6 +26,10 @@ KINDS = {
     "down": ("mlp.down_proj", "out"),
 }
 NORMS = ("input_layernorm", "post_attention_layernorm")
+# Config keys that describe how the teacher was stored or where it came from, not the model:
+# a GGUF-loaded teacher carries quantization_config (its file) and its GGUF name; kept, they
+# would make the exported student claim to be quantized (and refuse .float()).
+TEACHER_STORAGE = ("quantization_config", "_name_or_path", "_model_name_or_path", "_commit_hash")
 
 
 def _refuse(why: str):
@@ -118,7 +122,8 @@ def student_config(teacher: nn.Module, hidden_size: int, tie_word_embeddings: bo
     installed transformers refuses it (e.g. LlamaConfig wants hidden_size % heads == 0)."""
     d = copy.deepcopy(teacher.config.to_dict())
     d.update(hidden_size=hidden_size, head_dim=head_dim(teacher), tie_word_embeddings=tie_word_embeddings)
-    d.pop("_name_or_path", None)
+    for k in [k for k in d if k in TEACHER_STORAGE or "gguf" in k.lower()]:
+        d.pop(k)
     cfg = type(teacher.config).from_dict(d)
     if cfg.hidden_size != hidden_size or getattr(cfg, "head_dim", None) != d["head_dim"]:
         raise ValueError(f"config did not keep hidden_size={hidden_size}, head_dim={d['head_dim']}")

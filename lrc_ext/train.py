@@ -13,7 +13,7 @@ Experiments (experiments/) build a `Trainer` from their own model and rows and c
 `train_step`.
 
 The output directory holds config.yaml, log.jsonl, loss.png, checkpoints/, student/ (and
-tensorboard/ when TensorBoard is installed). Exit codes: 0 done; 2 bad config, missing
+tensorboard/ or wandb/ with --report-to). Exit codes: 0 done; 2 bad config, missing
 file, empty data or unsupported teacher (one line on stderr); 3 non-finite loss (step and
 term named; no checkpoint of the bad step); 130 interrupted (Ctrl-C / SIGTERM: the last
 finished step is checkpointed first, so `--resume` continues from it); 4 another rank of a
@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import checkpoint, config, distributed
+from . import checkpoint, config, distributed, loggers
 from .config import ConfigError, TrainConfig
 
 PROG = "lrc_ext.train"
@@ -346,7 +346,7 @@ class Trainer:
         self.teacher_lm = None    # the teacher's held-out CE, computed at the first evaluation
         self.scale_noted = False  # the note on a clone loss that swamps the task loss, at most once
         self.t_start = time.time()
-        self._log = self._tb = None
+        self._log = self._reporters = None
 
     # ---- restore ---------------------------------------------------------------------------------
     def restore(self, ckpt: Path | None):
@@ -373,12 +373,8 @@ class Trainer:
             self.log_path.write_text("")
         if par.is_main:
             config.save_yaml(self.cfg, out / "config.yaml")
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-                step = self.progress.step
-                self._tb = SummaryWriter(str(out / "tensorboard"), purge_step=step + 1 if step else None)
-            except ImportError:
-                pass
+            # --report-to: TensorBoard / wandb (lrc_ext/loggers.py), rank 0 only
+            self._reporters = loggers.open_all(self.cfg.report_to, out, self.progress.step, self.cfg.to_dict())
 
     def save(self):
         """Checkpoint the current step: every rank gathers (collectives under FSDP), rank 0 writes."""
@@ -489,8 +485,8 @@ class Trainer:
             if self._log is not None:
                 self._log.close()
             self.stop.restore()
-            if self._tb is not None:
-                self._tb.close()
+            if self._reporters is not None:
+                self._reporters.close()
         return self.halt
 
     def after_step(self, rec: dict):
@@ -509,10 +505,8 @@ class Trainer:
         if self.par.is_main and (step % cfg.log_every == 0 or "eval_lm" in rec or last):
             self._log.write(json.dumps(rec) + "\n")
             self._log.flush()
-            if self._tb is not None:
-                for k, v in rec.items():
-                    if k != "step":
-                        self._tb.add_scalar(k, v, step)
+            if self._reporters is not None:
+                self._reporters.log(rec, step)
         if self.par.is_main and "eval_lm" in rec:
             from . import plot
             plot.plot(self.log_path, self.out / "loss.png")
