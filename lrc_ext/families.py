@@ -170,6 +170,9 @@ def validate_teacher(teacher: nn.Module):
     """Refuse anything the student cannot mirror exactly, with a message naming what works."""
     cfg = getattr(teacher, "config", None)
     mt = getattr(cfg, "model_type", None)
+    if mt == "gemma3":
+        _refuse("teacher model_type 'gemma3' (Gemma-3 with its vision tower) is not supported; load the "
+                "text model alone (Gemma3ForCausalLM, model_type 'gemma3_text')")
     if mt not in SUPPORTED:
         _refuse(f"teacher model_type {mt!r} is not supported")
     if any(getattr(cfg, a, 0) for a in ("num_experts", "num_local_experts", "n_routed_experts")):

@@ -42,7 +42,6 @@ import time
 import torch
 from torch import Tensor
 
-from . import families as fam
 from . import model as _model
 from .families import KINDS
 
