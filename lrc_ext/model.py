@@ -95,7 +95,8 @@ class LayerWalk:
     Holds what every layer shares: the layout (the student works on the valid rows only, N of
     B * S; ``pick`` gathers them, ``unpick`` scatters them back, padding 0, for attention), the
     teacher's embeddings ``e_t`` (its layer-0 input), causal masks and RoPE by layer type
-    (``mask(tl)``, ``cos_sin(tl)``). ``step`` is one lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
+    (``mask(tl)``, ``cos_sin(tl)``: Gemma-3 and Phi-3 have sliding-window layers). ``step`` is
+    one lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
     """
 
     def __init__(self, model: "LowRankClone", input_ids: Tensor, attention_mask: Tensor | None):
@@ -151,8 +152,9 @@ class LowRankClone(nn.Module):
     """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral, Gemma-3 text,
     Phi-3 / Phi-4-mini) at width d_S.
 
-    Trainable: per layer seven projections (d_T, d_S) and the family's RMSNorms (two; Gemma-3 four); P_emb, P_head (tied to
-    P_emb when ``tie_head``; default: when the teacher ties its embeddings) and the final norm.
+    Trainable: per layer seven projections (d_T, d_S) and the family's RMSNorms (two; Gemma-3
+    four); P_emb, P_head (tied to P_emb when ``tie_head``; default: when the teacher ties its
+    embeddings) and the final norm. Family differences: ``fam.Layout`` (lrc_ext/families.py).
 
     ``init="normal"`` (the paper's): projections N(0, init_std), norms 1. ``init="pca"``: every
     projection and norm set from the teacher's principal subspace over ``calibration`` token ids
