@@ -216,6 +216,7 @@ def test_trainable_state_dict_round_trip():
 ROUND_TRIPS = [(f, False, None) for f in FAMILIES] + [(f, True, None) for f in FAMILIES] + [
     ("llama", True, False),   # tied teacher, separate P_head: untied export
     ("qwen2", False, True),   # untied teacher, P_head = P_emb: still untied export
+    ("gemma3_text", True, False),  # tied Gemma teacher, untied export: only the embedding takes the scale fold
 ]
 
 
