@@ -279,8 +279,11 @@ def export_folds(teacher: nn.Module, d_s: int, tied: bool) -> tuple:
     if not layout(teacher).embed_scaled:
         return 1.0, 1.0
     emb = teacher.model.embed_tokens
-    dt = emb.weight.dtype  # the stock module casts its scale to the weight's dtype
-    k = float(emb.embed_scale.to(dt)) / float(torch.tensor(d_s ** 0.5).to(dt))
+    s_t = getattr(emb, "scalar_embed_scale", None) or float(emb.embed_scale)  # a float also on meta
+
+    def as_used(x):  # the stock module casts its scale to the weight's dtype
+        return float(torch.tensor(x, device="cpu").to(emb.weight.dtype))
+    k = as_used(s_t) / as_used(d_s ** 0.5)
     return k, (1.0 / k if tied else 1.0)
 
 
