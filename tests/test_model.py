@@ -175,7 +175,8 @@ def test_losses_match_plain_fp64(family, tie, opts):
 
 
 # ---- gradients: only projections and student norms; the teacher never changes ----------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True), ("gemma3_text", True),
+                                        ("phi3", False)])
 def test_only_projections_and_norms_train(family, tie):
     teacher = tiny_teacher(family, tie=tie)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -184,6 +185,8 @@ def test_only_projections_and_norms_train(family, tie):
     for i in range(len(model.layers)):
         expected |= {f"layers.{i}.{k}.proj" for k in LINEARS}
         expected |= {f"layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        if family == "gemma3_text":  # pre/post norms around both blocks
+            expected |= {f"layers.{i}.{n}.weight" for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert model.p_head is None if tie else model.p_head is not model.p_emb
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # naive: every parameter
@@ -275,7 +278,7 @@ def test_export_loads_without_lrc_ext(tmp_path):
 
 
 # ---- padding ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("left", [True, False])
 def test_padding_invariance(family, left):
     teacher = tiny_teacher(family)
@@ -332,7 +335,7 @@ def test_weights_formed_once_and_embedding_gathered(monkeypatch):
 
 
 # ---- fused switch -------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False)])
 def test_fused_matches_reference(family, tie):
     """Whatever fused=True resolves to (the reference until the fused ops land) agrees."""
     teacher = tiny_teacher(family, tie=tie)
