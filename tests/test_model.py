@@ -393,7 +393,7 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_cuda_bf16_fused_and_padding(family):
     teacher = tiny_teacher(family, dtype=torch.bfloat16).cuda()
     ref, fus = LowRankClone(teacher, D_S, fused=False), LowRankClone(teacher, D_S, fused=None)
