@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from . import families as fam
 from . import init as _init
-from .families import KINDS, NORMS
+from .families import KINDS
 from .modules import FusedCloneLinear, resolve_op
 from .ops.distill_head import check_options as check_head_options
 
@@ -42,13 +42,14 @@ class LRCOutput:
 
 
 class StudentLayer(nn.Module):
-    """One student decoder layer's trainable state: seven projections and two RMSNorms."""
+    """One student decoder layer's trainable state: seven projections and the family's
+    RMSNorms (two; Gemma-3: four)."""
 
-    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float):
+    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float, layout: fam.Layout):
         super().__init__()
-        for kind, (name, side) in KINDS.items():
-            setattr(self, kind, FusedCloneLinear(t_layer.get_submodule(name), d_s, side, fused, init_std))
-        for n in NORMS:
+        for kind, (_, side) in KINDS.items():
+            setattr(self, kind, FusedCloneLinear(layout.teacher_linear(t_layer, kind), d_s, side, fused, init_std))
+        for n in layout.norms:
             setattr(self, n, _student_norm(getattr(t_layer, n), d_s))
 
     def forward(self, step, *args):
@@ -59,17 +60,28 @@ class StudentLayer(nn.Module):
 
 
 def _student_norm(t_norm: nn.Module, d_s: int) -> nn.Module:
-    # The family's own RMSNorm class, same eps, width d_S, weight 1.
+    # The family's own RMSNorm class, same eps, width d_S, gain 1 (its stock init).
     w = t_norm.weight
-    return type(t_norm)(d_s, eps=t_norm.variance_epsilon).to(device=w.device, dtype=w.dtype)
+    return type(t_norm)(d_s, eps=fam.Layout.eps(t_norm)).to(device=w.device, dtype=w.dtype)
 
 
 @contextlib.contextmanager
-def _capture(layer: nn.Module, kinds):
-    """Outputs of the teacher layer's linears of `kinds`, recorded by forward hooks."""
+def _capture(layer: nn.Module, kinds, layout: fam.Layout):
+    """Outputs of the teacher layer's linears of `kinds`, recorded by forward hooks (a fused
+    linear's output split into its kinds' parts)."""
     got = {}
-    hooks = [layer.get_submodule(KINDS[k][0]).register_forward_hook(
-        lambda m, i, o, k=k: got.__setitem__(k, o)) for k in kinds]
+
+    def hook(name, held):
+        sizes = fam.split_sizes(layer, name) if len(held) > 1 else None
+
+        def record(m, i, o):
+            parts = o.split(sizes, -1) if sizes else (o,)
+            for k, part in zip(held, parts):
+                if k in kinds:
+                    got[k] = part
+        return record
+    hooks = [layer.get_submodule(name).register_forward_hook(hook(name, held))
+             for name, held in layout.modules().items() if set(held) & set(kinds)]
     try:
         yield got
     finally:
@@ -82,8 +94,9 @@ class LayerWalk:
 
     Holds what every layer shares: the layout (the student works on the valid rows only, N of
     B * S; ``pick`` gathers them, ``unpick`` scatters them back, padding 0, for attention), the
-    teacher's embeddings ``e_t`` (its layer-0 input), causal mask and RoPE. ``step`` is one
-    lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
+    teacher's embeddings ``e_t`` (its layer-0 input), causal masks and RoPE by layer type
+    (``mask(tl)``, ``cos_sin(tl)``: Gemma-3 and Phi-3 have sliding-window layers). ``step`` is
+    one lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
     """
 
     def __init__(self, model: "LowRankClone", input_ids: Tensor, attention_mask: Tensor | None):
@@ -94,11 +107,19 @@ class LayerWalk:
         else:
             self.rows = attention_mask.reshape(-1).nonzero().squeeze(1)
             self.pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-        base = model.teacher.model
+        t = model.teacher
+        self.types = [fam.layer_type(t, i) for i in range(len(t.model.layers))]
         with torch.no_grad():
-            self.e_t = base.embed_tokens(input_ids)
-            self.mask = fam.causal_mask(model.teacher, self.e_t, attention_mask, self.pos)
-            self.cos_sin = base.rotary_emb(self.e_t, self.pos)
+            self.e_t = t.model.embed_tokens(input_ids)
+            kinds = sorted(set(self.types))
+            self.masks = fam.causal_masks(t, self.e_t, attention_mask, self.pos, kinds)
+            self.rope = fam.rope(t, self.e_t, self.pos, kinds)
+
+    def mask(self, tl: nn.Module):
+        return self.masks[self.types[tl.self_attn.layer_idx]]
+
+    def cos_sin(self, tl: nn.Module):
+        return self.rope[self.types[tl.self_attn.layer_idx]]
 
     def pick(self, z: Tensor) -> Tensor:
         """(B, S, w) -> the valid rows (N, w)."""
@@ -113,7 +134,7 @@ class LayerWalk:
 
     @torch.no_grad()
     def teacher_layer(self, tl: nn.Module, x_t: Tensor) -> Tensor:
-        out = tl(x_t, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self.cos_sin)
+        out = tl(x_t, attention_mask=self.mask(tl), position_ids=self.pos, position_embeddings=self.cos_sin(tl))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 
     def step(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds, clone: dict):
@@ -122,16 +143,18 @@ class LayerWalk:
         MSEs into ``clone``. Returns (x_s, x_t)."""
         tgt = None
         if kinds is not None:
-            with _capture(tl, kinds) as tgt:
+            with _capture(tl, kinds, self.model.layout) as tgt:
                 x_t = self.teacher_layer(tl, x_t)
         return self.model._student_layer(self, sl, tl, x_s, tgt, clone), x_t
 
 
 class LowRankClone(nn.Module):
-    """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral) at width d_S.
+    """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral, Gemma-3 text,
+    Phi-3 / Phi-4-mini) at width d_S.
 
-    Trainable: per layer seven projections (d_T, d_S) and two RMSNorms; P_emb, P_head (tied to
-    P_emb when ``tie_head``; default: when the teacher ties its embeddings) and the final norm.
+    Trainable: per layer seven projections (d_T, d_S) and the family's RMSNorms (two; Gemma-3
+    four); P_emb, P_head (tied to P_emb when ``tie_head``; default: when the teacher ties its
+    embeddings) and the final norm. Family differences: ``fam.Layout`` (lrc_ext/families.py).
 
     ``init="normal"`` (the paper's): projections N(0, init_std), norms 1. ``init="pca"``: every
     projection and norm set from the teacher's principal subspace over ``calibration`` token ids
@@ -189,7 +212,8 @@ class LowRankClone(nn.Module):
         self.p_emb = proj()
         self.p_head = None if self.tie_head else proj()
         base = teacher.model
-        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std) for tl in base.layers)
+        self.layout = fam.layout(teacher)
+        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std, self.layout) for tl in base.layers)
         self.norm = _student_norm(base.norm, d_s)
         self._fam = fam.family_module(teacher)
 
@@ -329,16 +353,17 @@ class LowRankClone(nn.Module):
                 clone[kind] = clone[kind] + mse
             return y
 
-        B, S, attn = walk.B, walk.S, tl.self_attn
+        B, S, attn, lay = walk.B, walk.S, tl.self_attn, self.layout
         hd = attn.head_dim
-        a = sl.input_layernorm(x)
+        a = getattr(sl, lay.attn_norm)(x)
         q, k, v = (walk.unpick(lin(n, a)).view(B, S, -1, hd) for n in ("q", "k", "v"))
-        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms on head_dim, the teacher's as they are
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma-3: per-head norms on head_dim, the teacher's as they are
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = self._fam.apply_rotary_pos_emb(q, k, *walk.cos_sin)
-        att, _ = fam.attention_function(self.teacher)(attn, q, k, v, walk.mask, dropout=0.0, scaling=attn.scaling,
-                                                      position_ids=walk.pos)
+        q, k = self._fam.apply_rotary_pos_emb(q, k, *walk.cos_sin(tl))  # Phi-3: partial rotary inside
+        att, _ = fam.attention_function(self.teacher)(
+            attn, q, k, v, walk.mask(tl), dropout=0.0, scaling=attn.scaling, position_ids=walk.pos,
+            sliding_window=fam.sliding_window(self.teacher, attn.layer_idx))
         att = walk.pick(att.reshape(B, S, -1))
         o = lin("o", att)
         if tgt is not None and "o" in tgt and self.attn_clone_space == "teacher":
@@ -346,26 +371,30 @@ class LowRankClone(nn.Module):
             d = F.linear(att, sl.o.teacher.weight.detach()) - walk.pick(tgt["o"])
             d = d.to(torch.promote_types(d.dtype, torch.float32))
             clone["o"] = clone["o"] + (d * d).mean()
-        x = x + o
-        b = sl.post_attention_layernorm(x)
-        return x + lin("down", tl.mlp.act_fn(lin("gate", b)) * lin("up", b))
+        x = x + (getattr(sl, lay.attn_post)(o) if lay.attn_post else o)
+        b = getattr(sl, lay.mlp_norm)(x)
+        m = lin("down", getattr(tl.mlp, lay.act)(lin("gate", b)) * lin("up", b))
+        return x + (getattr(sl, lay.mlp_post)(m) if lay.mlp_post else m)
 
     # ---- export ---------------------------------------------------------------------------
     def _export_entries(self) -> dict:
-        """Stock student key -> (shape, thunk making the tensor). Keys are the teacher's own."""
-        t, d_s = self.teacher, self.student_hidden_size
+        """Stock student key -> (shape, thunk making the tensor). Keys are the teacher's own.
+        What the stock config cannot say is folded into the weights (fam.export_folds)."""
+        t, d_s, lay = self.teacher, self.student_hidden_size, self.layout
         emb, head = t.get_input_embeddings().weight, t.get_output_embeddings().weight
+        emb_k, norm_k = fam.export_folds(t, d_s, self.student_config.tie_word_embeddings)
         ents = {
-            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: emb.detach() @ self.p_emb),
-            "lm_head.weight": ((head.shape[0], d_s), lambda: head.detach() @ self.head_proj),
-            "model.norm.weight": ((d_s,), lambda: self.norm.weight),
+            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: (emb.detach() @ self.p_emb) * emb_k),
+            "lm_head.weight": ((head.shape[0], d_s), lambda: (head.detach() @ self.head_proj) * (1 / norm_k)),
+            "model.norm.weight": ((d_s,), lambda: lay.weight_for_gain(lay.gain(self.norm) * norm_k)),
         }
         for i, (sl, tl) in enumerate(zip(self.layers, t.model.layers)):
             p = f"model.layers.{i}."
-            for kind, (name, _) in KINDS.items():
-                lin = getattr(sl, kind)
-                ents[p + name + ".weight"] = ((lin.out_features, lin.in_features), lin.student_weight)
-            for n in NORMS:
+            for name, kinds in lay.modules().items():  # a fused linear: its kinds' rows, concatenated
+                lins = [getattr(sl, k) for k in kinds]
+                shape = (sum(m.out_features for m in lins), lins[0].in_features)
+                ents[p + name + ".weight"] = (shape, lambda lins=lins: torch.cat([m.student_weight() for m in lins]))
+            for n in lay.norms:
                 ents[p + n + ".weight"] = ((d_s,), getattr(sl, n).weight.detach)
             for k, v in tl.state_dict(keep_vars=True).items():  # q/k/v biases, Qwen3 q/k norms: as they are
                 ents.setdefault(p + k, (tuple(v.shape), v.detach))

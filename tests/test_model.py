@@ -20,7 +20,16 @@ from lrc_ext.init import identity_ as set_identity_
 # Written out here (not imported from lrc_ext) so the oracle does not share the model's tables.
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
            "up": "mlp.up_proj", "o": "self_attn.o_proj", "down": "mlp.down_proj"}
+# Phi-3 fuses them: module -> kinds in row order (split sizes from the config, below).
+FUSED = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
 D_S = 32
+
+
+def fused_sizes(cfg, name):
+    if name == "mlp.gate_up_proj":
+        return [cfg.intermediate_size] * 2
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return [cfg.num_attention_heads * hd] + [cfg.num_key_value_heads * hd] * 2
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -50,10 +59,18 @@ def positions(am):
 def run_hooked(model, ids, am):
     """Stock forward; per (layer, kind): (input, output) of each linear."""
     got, hooks = {}, []
+
+    def split(i, name):
+        sizes = fused_sizes(model.config, name)
+        return lambda m, inp, out: got.update({(i, k): (inp[0], o) for k, o in zip(FUSED[name], out.split(sizes, -1))})
     for i, layer in enumerate(model.model.layers):
         for kind, name in LINEARS.items():
-            hooks.append(layer.get_submodule(name).register_forward_hook(
-                lambda m, inp, out, key=(i, kind): got.__setitem__(key, (inp[0], out))))
+            if hasattr(layer.get_submodule(name.split(".")[0]), name.split(".")[1]):
+                hooks.append(layer.get_submodule(name).register_forward_hook(
+                    lambda m, inp, out, key=(i, kind): got.__setitem__(key, (inp[0], out))))
+        for name in FUSED:
+            if hasattr(layer.get_submodule(name.split(".")[0]), name.split(".")[1]):
+                hooks.append(layer.get_submodule(name).register_forward_hook(split(i, name)))
     try:
         logits = model(input_ids=ids, attention_mask=am, position_ids=positions(am)).logits
     finally:
@@ -64,7 +81,7 @@ def run_hooked(model, ids, am):
 
 # ---- identity oracle ------------------------------------------------------------------------
 @pytest.mark.parametrize("family,tie,attn", [(f, t, "sdpa") for f in FAMILIES for t in (False, True)] + [
-    ("llama", False, "eager"), ("qwen3", True, "eager")])
+    ("llama", False, "eager"), ("qwen3", True, "eager"), ("gemma3_text", True, "eager"), ("phi3", False, "eager")])
 def test_identity_oracle(family, tie, attn):
     teacher = tiny_teacher(family, tie=tie, attn=attn)
     model = LowRankClone(teacher, D_T)
@@ -94,7 +111,8 @@ OPTIONS = [
 ]
 
 
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
+                                        ("gemma3_text", True), ("phi3", False)])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
 def test_losses_match_plain_fp64(family, tie, opts):
     teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
@@ -157,7 +175,8 @@ def test_losses_match_plain_fp64(family, tie, opts):
 
 
 # ---- gradients: only projections and student norms; the teacher never changes ----------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True), ("gemma3_text", True),
+                                        ("phi3", False)])
 def test_only_projections_and_norms_train(family, tie):
     teacher = tiny_teacher(family, tie=tie)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -166,6 +185,8 @@ def test_only_projections_and_norms_train(family, tie):
     for i in range(len(model.layers)):
         expected |= {f"layers.{i}.{k}.proj" for k in LINEARS}
         expected |= {f"layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        if family == "gemma3_text":  # pre/post norms around both blocks
+            expected |= {f"layers.{i}.{n}.weight" for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert model.p_head is None if tie else model.p_head is not model.p_emb
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # naive: every parameter
@@ -198,6 +219,7 @@ def test_trainable_state_dict_round_trip():
 ROUND_TRIPS = [(f, False, None) for f in FAMILIES] + [(f, True, None) for f in FAMILIES] + [
     ("llama", True, False),   # tied teacher, separate P_head: untied export
     ("qwen2", False, True),   # untied teacher, P_head = P_emb: still untied export
+    ("gemma3_text", True, False),  # tied Gemma teacher, untied export: only the embedding takes the scale fold
 ]
 
 
@@ -256,7 +278,7 @@ def test_export_loads_without_lrc_ext(tmp_path):
 
 
 # ---- padding ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("left", [True, False])
 def test_padding_invariance(family, left):
     teacher = tiny_teacher(family)
@@ -313,7 +335,7 @@ def test_weights_formed_once_and_embedding_gathered(monkeypatch):
 
 
 # ---- fused switch -------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False)])
 def test_fused_matches_reference(family, tie):
     """Whatever fused=True resolves to (the reference until the fused ops land) agrees."""
     teacher = tiny_teacher(family, tie=tie)
@@ -371,7 +393,7 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_cuda_bf16_fused_and_padding(family):
     teacher = tiny_teacher(family, dtype=torch.bfloat16).cuda()
     ref, fus = LowRankClone(teacher, D_S, fused=False), LowRankClone(teacher, D_S, fused=None)
@@ -415,7 +437,7 @@ def test_unexportable_width_names_nearest():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: _stock("gpt2"), "model_type 'gpt2' is not supported.*llama, qwen2, qwen3, mistral"),
+    (lambda: _stock("gpt2"), "model_type 'gpt2' is not supported.*llama, qwen2, qwen3, mistral, gemma3_text, phi3"),
     (lambda: _stock("mixtral"), "model_type 'mixtral' is not supported"),
     (lambda: tiny_teacher("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding-window"),
     (lambda: tiny_teacher("mistral", sliding_window=16), "sliding-window"),
