@@ -80,6 +80,18 @@ def test_choose_falls_back(sm90, monkeypatch, side):
     assert _cutlass.choose(x, w, b, t, p, so) == "cublas"                         # not built
 
 
+def test_forced_overrides_the_env(sm90, monkeypatch):
+    args = _ops("in", torch.bfloat16)
+    with _cutlass.forced(False):
+        assert _cutlass.choose(*args, False) == "cublas"
+    assert _cutlass.choose(*args, False) == "cutlass"
+    monkeypatch.delenv(_cutlass.ENV)
+    with _cutlass.forced(True):
+        assert _cutlass.choose(*args, False) == "cutlass"
+        assert _cutlass.choose(*_ops("in", torch.float32), False) == "cublas"  # eligibility still applies
+    assert _cutlass.choose(*args, False) == "cublas"
+
+
 def test_choose_misaligned_bias(sm90):
     x, w, _, t, p = _ops("in", torch.bfloat16)
     b = torch.zeros(w.shape[0] + 1, dtype=w.dtype)[1:]

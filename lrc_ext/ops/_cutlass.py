@@ -23,6 +23,7 @@ aligned always take the cuBLAS path.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -33,6 +34,7 @@ from .. import _ext
 ENV = "LRC_CUTLASS"
 _OP = "clone_linear"
 _DTYPES = (torch.bfloat16, torch.float16)
+_forced: bool | None = None  # set by forced(): overrides LRC_CUTLASS
 
 
 def built() -> bool:
@@ -42,7 +44,19 @@ def built() -> bool:
 
 def enabled() -> bool:
     """True when the user opted in (the path is not yet verified on a GPU)."""
-    return os.environ.get(ENV, "") == "1"
+    return _forced if _forced is not None else os.environ.get(ENV, "") == "1"
+
+
+@contextlib.contextmanager
+def forced(on: bool):
+    """Within the block, eligible calls take (on) or never take (off) the CUTLASS path,
+    whatever LRC_CUTLASS says: for benchmarks that time both paths in one process."""
+    global _forced
+    old, _forced = _forced, bool(on)
+    try:
+        yield
+    finally:
+        _forced = old
 
 
 def status() -> str:
