@@ -14,6 +14,12 @@
 // fixed shuffle tree and writes one fp32 per (row, N-tile); no atomics. The caller sums those
 // partials in a fixed order. d^2 is taken from the fp32 difference of the rounded y and the
 // target, as the cuBLAS path's epilogue kernel does; d itself is stored rounded to T.
+//
+// Not fused: the backward's merge g = grad_y + s * d (s known only in the backward). g is the
+// A operand of grad_x = g W_S and grad_W_S = g^T x; this mainloop moves operands TMA -> smem ->
+// wgmma with no register stage where s * d could be added (CUTLASS's register-staged A
+// transform is the mixed-dtype one, over a single tensor), and splitting by linearity doubles
+// the GEMM FLOPs to save one elementwise pass, so the merge kernel stays.
 #pragma once
 #include <stdexcept>
 #include <string>
