@@ -60,7 +60,7 @@ def test_choose_falls_back(sm90, monkeypatch, side):
     assert _cutlass.choose(x, w, b, None, p, so) == "cublas"                      # no target: plain linear
     assert _cutlass.choose(*_ops(side, torch.float32), so) == "cublas"            # fp32
     assert _cutlass.choose(*_ops(side, torch.bfloat16, m=0), so) == "cublas"      # empty
-    assert _cutlass.choose(*_ops(side, torch.bfloat16, n=100), so) == "cublas"      # n % 8
+    assert _cutlass.choose(*_ops(side, torch.bfloat16, n=100), so) == "cublas"    # n % 8
     assert _cutlass.choose(*_ops(side, torch.bfloat16, k=60), so) == "cublas"     # k % 8
     # A row stride that is not a multiple of 16 bytes, and a start that is not 16-byte aligned.
     tt = torch.zeros(t.shape[0], t.shape[1] + 3, dtype=t.dtype)[:, : t.shape[1]]
