@@ -36,4 +36,23 @@ void clone_linear_merge_cuda(const void* gy, int64_t ldgy, const void* d, int64_
                              int64_t rows, int64_t cols, DType dt, const float* grad_mse, float k, void* stream);
 #endif
 
+#ifdef LRC_WITH_CUTLASS
+// CUTLASS sm90 path (H100/H200; kernels in clone_linear_sm90*.cu): the GEMM with the clone
+// epilogue in one kernel, then a fixed-order sum of its per-tile partials. bf16 / fp16; n and
+// k multiples of 8; 16-byte-aligned pointers; row strides multiples of 8 elements.
+// Bytes of device workspace either side needs.
+int64_t clone_linear_sm90_workspace(bool out_side, int64_t m, int64_t n, int64_t k, DType dt);
+// Input side: y = x w^T (+ bias), d = y - target, *mse = sum(d^2) * inv_numel.
+// x (m, k), w (n, k), bias (n) or null, target / y / d (m, n).
+void clone_linear_sm90_in(const void* x, int64_t ldx, const void* w, int64_t ldw, const void* bias,
+                          const void* target, int64_t ldt, void* y, int64_t ldy, void* d, int64_t ldd, int64_t m,
+                          int64_t n, int64_t k, DType dt, float inv_numel, float* mse, void* workspace,
+                          int64_t workspace_bytes, void* stream);
+// Output side: d = y - target proj (never written), *mse = sum(d^2) * inv_numel.
+// target (m, k), proj (k, n), y / d (m, n).
+void clone_linear_sm90_out(const void* target, int64_t ldt, const void* proj, int64_t ldp, const void* y,
+                           int64_t ldy, void* d, int64_t ldd, int64_t m, int64_t n, int64_t k, DType dt,
+                           float inv_numel, float* mse, void* workspace, int64_t workspace_bytes, void* stream);
+#endif
+
 }  // namespace lrc

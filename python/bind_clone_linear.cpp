@@ -39,5 +39,26 @@ lrc_py::Register reg([](pybind11::module_& m) {
                             to_dtype(dt, "clone_linear", "grad_y"), ptr<const float>(grad_mse), k, ptr(stream));
   });
 #endif
+#ifdef LRC_WITH_CUTLASS
+  m.def("clone_linear_sm90_workspace", [](bool out_side, int64_t m_, int64_t n, int64_t k, int dt) {
+    return clone_linear_sm90_workspace(out_side, m_, n, k, to_dtype(dt, "clone_linear", "x"));
+  });
+  m.def("clone_linear_sm90_in", [](uintptr_t x, int64_t ldx, uintptr_t w, int64_t ldw, uintptr_t bias, uintptr_t t,
+                                   int64_t ldt, uintptr_t y, int64_t ldy, uintptr_t d, int64_t ldd, int64_t m_,
+                                   int64_t n, int64_t k, int dt, float inv_numel, uintptr_t mse, uintptr_t ws,
+                                   int64_t ws_bytes, uintptr_t stream) {
+    clone_linear_sm90_in(ptr(x), ldx, ptr(w), ldw, ptr(bias), ptr(t), ldt, ptr(y), ldy, ptr(d), ldd, m_, n, k,
+                         to_dtype(dt, "clone_linear", "x"), inv_numel, ptr<float>(mse), ptr(ws), ws_bytes,
+                         ptr(stream));
+  });
+  m.def("clone_linear_sm90_out", [](uintptr_t t, int64_t ldt, uintptr_t p, int64_t ldp, uintptr_t y, int64_t ldy,
+                                    uintptr_t d, int64_t ldd, int64_t m_, int64_t n, int64_t k, int dt,
+                                    float inv_numel, uintptr_t mse, uintptr_t ws, int64_t ws_bytes,
+                                    uintptr_t stream) {
+    clone_linear_sm90_out(ptr(t), ldt, ptr(p), ldp, ptr(y), ldy, ptr(d), ldd, m_, n, k,
+                          to_dtype(dt, "clone_linear", "x"), inv_numel, ptr<float>(mse), ptr(ws), ws_bytes,
+                          ptr(stream));
+  });
+#endif
 });
 }  // namespace

@@ -30,6 +30,9 @@ Validation: ``clone_linear`` checks what only it sees (Python types, before disp
 x's and target's leading dimensions); the op checks the 2-D tensor contract its kernels rely
 on, once per call, for every caller (``clone_linear``, compiled graphs, direct torch.ops calls).
 
+On sm_90 (H100/H200), bf16 / fp16 forwards can take CUTLASS kernels with this epilogue in
+the GEMM instead (opt-in, LRC_CUTLASS=1; which call takes which path: ops/_cutlass.py).
+
 Dtypes: fp32, bf16, fp16 (and fp64 on the CPU), all inputs the same dtype; under
 torch.autocast the floating inputs (fp64 excepted) are cast to the autocast dtype first,
 as autocast does for a matmul. The MSE is fp32 (fp64 for fp64 inputs, so that gradcheck
@@ -44,6 +47,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import _cutlass
 
 _OP = "clone_linear"
 SIDES = ("in", "out")
@@ -199,6 +203,11 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
     _validate(x, weight, proj, bias, target, side_out)
     with _no_autocast(x):
         w_s = proj.t() @ weight if side_out else weight @ proj
+        fused = _cutlass.forward(x, w_s, bias, target, proj, side_out)  # None: the cuBLAS path below
+        if fused is not None:
+            y, d, mse = fused
+            g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else x.new_empty(0)
+            return y, mse, w_s, d, g_t
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
         if target is None:
@@ -269,7 +278,7 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
     with _no_autocast(x):
         if grad_y is not None and not _rows_ok(grad_y):
             grad_y = grad_y.contiguous()  # e.g. the expanded gradient of y.sum()
-        if use_mse:
+        if use_mse:  # one pass feeding both GEMMs; why it is not folded into them: ops/_cutlass.py
             g = _merge(grad_y, d, grad_mse, k)
         elif grad_y is not None:
             g = grad_y
