@@ -259,7 +259,7 @@ def train(argv=None) -> int:
     say(f"lrc_ext.train -> {out}")
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
         teacher, tok, src = teacher_mod.load(cfg.teacher)
-        data = data_mod.build(cfg, tok)
+        data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
@@ -294,6 +294,7 @@ def train(argv=None) -> int:
         checkpoint.load_optimizer_state(opt, names, o_sd, st["optimizer"])
         checkpoint.set_rng_state(st["rng"])
         step, tokens, pos, elapsed = st["step"], st["tokens"], st["data_pos"], st["elapsed_s"]
+        data.load_state_dict(st.get("data_state"))  # a stream's own position; a store checks it is the same text
         if par.is_main:
             kept = [ln for ln in (log_path.read_text().splitlines() if log_path.exists() else [])
                     if _logged_step(ln) <= step]  # drop steps logged after the checkpoint
@@ -318,7 +319,7 @@ def train(argv=None) -> int:
         if not par.is_main:
             return None
         state = {"step": step, "tokens": tokens, "data_pos": pos, "elapsed_s": elapsed,
-                 "config": cfg.to_dict(), "optimizer": o_meta}
+                 "config": cfg.to_dict(), "optimizer": o_meta, "data_state": data.state_dict()}
         return checkpoint.save(ckpt_root, step, full, o_t, state, cfg.keep_checkpoints)
 
     # ---- the loop ----------------------------------------------------------------------------
