@@ -184,9 +184,10 @@ def prepare(spec: str, tok, output, *, text_field: str = "text", split: str = "t
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno == errno.ENOSPC:
-            raise DataError(f"disk full while preparing {final} ({e.filename or 'a datasets cache file'}): no "
-                            f"store was made; free space (a store needs ~{2 if ident['vocab_size'] <= 65536 else 4} "
-                            f"bytes a token) and run it again") from None
+            where = f" ({e.filename})" if e.filename else ""
+            per = 2 if ident["vocab_size"] <= 1 << 16 else 4
+            raise DataError(f"disk full while preparing {final}{where}: no store was made; free space (a store "
+                            f"needs ~{per} bytes a token) and run it again") from None
         raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
