@@ -71,7 +71,7 @@ def synth_store(path: Path, n_tokens: int, tok, seed: int = 0, chunk: int = 1 <<
          "n_docs": docs, "max_token_id": ident["vocab_size"] - 1, "tokenizer": ident, "framing": fr,
          "data": {"spec": f"synthetic:{n_tokens}", "text_field": "text", "split": "train", "key": f"synth{seed}"},
          "held_out": {"eval_tokens": 1024, "seq_len": 128, "eval_docs": ev, "train_start": start},
-         "files": {store.TOKENS: (tmp / store.TOKENS).stat().st_size, store.DOC_ENDS: (tmp / store.DOC_ENDS).stat().st_size},
+         "files": {f: (tmp / f).stat().st_size for f in (store.TOKENS, store.DOC_ENDS)},
          "seconds": 0.0}
     (tmp / store.MANIFEST).write_text(json.dumps(m, indent=1))
     os.rename(tmp, path)

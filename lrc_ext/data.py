@@ -176,7 +176,7 @@ def open_data(cfg, tokenizer, rank: int = 0, world: int = 1, say=None):
         from .stream import StreamedData
         return StreamedData(cfg, tokenizer)
     path = Path(os.path.expanduser(cfg.data))
-    if not (path.is_dir() and ((path / store.TOKENS).exists() or store.is_store(path))):
+    if not store.is_store(path):
         path = store.cache_path(cfg.data, cfg.text_field, cfg.data_split, tokenizer)
         if not store.is_store(path):
             if rank != 0:

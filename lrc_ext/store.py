@@ -97,6 +97,9 @@ def data_key(spec: str, text_field: str, split: str) -> str:
 
 
 def cache_root() -> Path:
+    """Where raw --data is prepared: $LRC_STORE_CACHE, else the lrc_ext cache's stores/."""
+    if os.environ.get("LRC_STORE_CACHE"):
+        return Path(os.environ["LRC_STORE_CACHE"]).expanduser()
     from .teacher import cache_dir
     return cache_dir() / "stores"
 
@@ -109,7 +112,17 @@ def cache_path(spec: str, text_field: str, split: str, tok) -> Path:
 
 
 def is_store(path) -> bool:
-    return (Path(path) / MANIFEST).is_file()
+    """A directory prepare made (or one that claims to be, to be checked by Store): it has the
+    token file, or a manifest of this kind. A data directory with a manifest.json of its own is not."""
+    path = Path(path)
+    if not path.is_dir():
+        return False
+    if (path / TOKENS).exists():
+        return True
+    try:
+        return json.loads((path / MANIFEST).read_text()).get("kind") == KIND
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -330,7 +343,8 @@ class _Rows:
     Picklable (the memory maps are reopened in each loader worker)."""
 
     def __init__(self, path, cut: int, n_train: int, seq_len: int, seed: int, vocab: int):
-        self.path, self.cut, self.n_train, self.seq_len, self.seed, self.vocab = path, cut, n_train, seq_len, seed, vocab
+        self.path, self.cut, self.n_train, self.seq_len = path, cut, n_train, seq_len
+        self.seed, self.vocab = seed, vocab
         self._tokens, self._perm = None, (None, None)
 
     def __getstate__(self):
@@ -445,5 +459,5 @@ class StoreData:
     def describe(self) -> str:
         m = self.store.manifest
         return (f"{self.n_docs:,} documents, {self.n_tokens:,} tokens ({m['dtype']} store {self.store.path}, framed "
-                f"'{describe_framing(m['framing'], self.tok)}'): {self.eval.shape[0]} held-out and {self.n_train:,} training "
-                f"sequences of {self.seq_len}")
+                f"'{describe_framing(m['framing'], self.tok)}'): {self.eval.shape[0]} held-out and "
+                f"{self.n_train:,} training sequences of {self.seq_len}")

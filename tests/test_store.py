@@ -27,7 +27,7 @@ def tok():
 
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LRC_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("LRC_STORE_CACHE", str(tmp_path / "stores"))
 
 
 def cfg_for(path, **kw):
