@@ -26,6 +26,7 @@ the first chunk of tokens.
 """
 from __future__ import annotations
 
+import atexit
 import errno
 import hashlib
 import json
@@ -34,6 +35,7 @@ import shutil
 import signal
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -388,9 +390,18 @@ class _MicroBatches:
 
 
 def _worker_init(_):
-    # Ctrl-C belongs to the trainer (it finishes the step, then checkpoints); SIGTERM stays
-    # fatal, as multiprocessing ends daemonic workers with it at exit
+    # Ctrl-C belongs to the trainer (it finishes the step, then checkpoints). SIGTERM (torchrun
+    # stopping a job, multiprocessing ending daemonic workers at exit) ends a worker quietly:
+    # killed by a signal, the DataLoader would raise in the trainer at any point of a step; a
+    # clean exit only surfaces at the next fetch, which the trainer then reads itself.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+
+
+def _close_ref(ref):
+    obj = ref()
+    if obj is not None:
+        obj.close()
 
 
 class StoreData:
@@ -415,6 +426,9 @@ class StoreData:
                           int(store.manifest["tokenizer"]["vocab_size"]))
         self.stride, self.workers, self.pin, self.prefetch = cfg.micro_batch_size, workers, pin_memory, prefetch
         self._next, self._it = None, None  # (pos, n) the loader yields next, its iterator
+        # end the workers before multiprocessing's own exit hook SIGTERMs them (which the
+        # DataLoader's SIGCHLD handler would report as a crash, e.g. on an error exit)
+        atexit.register(_close_ref, weakref.ref(self))
 
     def batch(self, pos: int, n: int):
         """Training sequences pos .. pos+n-1 (int64, (n, seq_len))."""
