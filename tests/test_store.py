@@ -241,3 +241,16 @@ def test_streaming_resume_from_the_datasets_state_equals_the_uninterrupted_strea
     assert torch.equal(fresh.batch(123, 7), whole[123:130])
     with pytest.raises(data.DataError, match="not a stream's"):
         fresh.load_state_dict({"store": "abc"})
+
+
+def test_streaming_run_killed_mid_save_resumes_bit_exact(tiny, tmp_path):
+    """Through the trainer: the checkpoint keeps the stream's own state, and the resumed run
+    logs the uninterrupted run's losses bit for bit."""
+    ref, out = tmp_path / "ref", tmp_path / "run"
+    ok(cli(*tiny_args(tiny, ref, **{"--streaming": True})))
+    args = tiny_args(tiny, out, **{"--streaming": True})
+    assert cli(*args, LRC_FAULT_KILL_DURING_SAVE="6").returncode == -signal.SIGKILL
+    ok(cli(*args, "--resume"))
+    state = json.loads((out / "checkpoints/step_000006/state.json").read_text())["data_state"]
+    assert state["kind"] == "stream" and state["pos"] == 24  # 6 steps x 2 micro-batches x 2 sequences
+    assert losses(out) == losses(ref)
