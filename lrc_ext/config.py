@@ -56,7 +56,9 @@ class TrainConfig:
     text_field: str = _f("text", "column holding the text")
     data_split: str = _f("train", "split of a hub dataset")
     streaming: bool = _f(False, "stream the dataset instead of loading and tokenising it all up front "
-                         "(for big sets; resuming then re-reads the stream up to the saved position)")
+                         "(for sets too big to prepare; resuming restores the stream's own saved state)")
+    data_workers: int = _f(2, "background processes that read and prefetch training batches from the token store "
+                           "(0: read them in the training process)")
     eval_tokens: int = _f(1024, "tokens held out for evaluation: the first documents of the data, "
                           "packed into sequences of --seq-len (never trained on)")
     # shape of a step
@@ -246,6 +248,7 @@ def validate(cfg: TrainConfig):
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
     need(cfg.tokens_per_step >= 1, f"--tokens-per-step must be >= 1, got {cfg.tokens_per_step}")
+    need(cfg.data_workers >= 0, f"--data-workers must be >= 0, got {cfg.data_workers}")
     need(cfg.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")

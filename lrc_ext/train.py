@@ -287,7 +287,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     say(f"lrc_ext.train -> {out}")
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
         teacher, tok, src = teacher_mod.load(cfg.teacher)
-        data = data_mod.build(cfg, tok)
+        data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
@@ -363,6 +363,8 @@ class Trainer:
             checkpoint.load_optimizer_state(self.opt, self.names, o_sd, st["optimizer"])
             checkpoint.set_rng_state(st["rng"])
             self.progress = Progress(st["step"], st["tokens"], st["data_pos"], st["elapsed_s"])
+            if hasattr(self.data, "load_state_dict"):  # a stream's own position; a store checks it is the same text
+                self.data.load_state_dict(st.get("data_state"))
             if par.is_main:
                 lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
                 kept = [ln for ln in lines if _logged_step(ln) <= self.progress.step]  # drop steps after the checkpoint
@@ -385,6 +387,8 @@ class Trainer:
         p = self.progress
         state = {"step": p.step, "tokens": p.tokens, "data_pos": p.pos, "elapsed_s": p.elapsed,
                  "config": self.cfg.to_dict(), "optimizer": o_meta}
+        if hasattr(self.data, "state_dict"):
+            state["data_state"] = self.data.state_dict()
         return checkpoint.save(self.ckpt_root, p.step, full, o_t, state, self.cfg.keep_checkpoints)
 
     # ---- one optimiser step ----------------------------------------------------------------------
