@@ -28,6 +28,7 @@ SHAPES = [
 ]
 CASES = [("in", True), ("in", False), ("out", False)]
 DTYPES = [torch.bfloat16, torch.float16]
+DTYPE_IDS = ["bfloat16", "float16"]  # so that -k bfloat16 selects (tools/gpu_suite.sh sanitize)
 
 
 def _ops(side, dtype, device="cpu", m=64, n=128, k=64, bias=False):
@@ -48,7 +49,7 @@ def sm90(monkeypatch):
 
 
 @pytest.mark.parametrize("side, bias", CASES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_choose_takes_cutlass_when_eligible(sm90, side, bias, dtype):
     assert _cutlass.choose(*_ops(side, dtype, bias=bias), side == "out") == "cutlass"
 
@@ -165,7 +166,7 @@ def on_sm90(monkeypatch):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("side, bias", CASES)
 def test_cuda_matches_reference(on_sm90, dtype, side, bias):
     for shape in SHAPES:
@@ -186,7 +187,7 @@ def test_cuda_matches_reference(on_sm90, dtype, side, bias):
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("side, bias", CASES)
 def test_cuda_deterministic(on_sm90, dtype, side, bias):
     x, w, p, b, t = make(side, *SHAPES[0], dtype, "cuda", bias=bias)
