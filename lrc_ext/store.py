@@ -40,6 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .checkpoint import fsync as _fsync
 from .data import DataError, open_documents
 
 FORMAT = 1
@@ -141,14 +142,6 @@ def _frame_batch(tok, fr, field):
             out[i] = bos + x + eos
         return {"ids": out}
     return fn
-
-
-def _fsync(path: Path):
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _clean_stale(final: Path):

@@ -5,6 +5,7 @@
 """
 from __future__ import annotations
 
+import pytest
 import torch
 
 FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gemma3_text", "phi3")
@@ -69,3 +70,13 @@ def tiny_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread_per_module():
+    """Tiny matrices: extra threads only add contention (10x slower on a loaded 2-core box).
+    Autouse in every test module that imports it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

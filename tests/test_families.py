@@ -5,6 +5,7 @@ these families run in test_model.py and test_init.py with every other family."""
 import pytest
 import torch
 
+from _tiny import one_thread_per_module  # noqa: F401  (an autouse fixture)
 from _tiny import D_T, VOCAB, tiny_teacher
 
 from lrc_ext import LowRankClone
@@ -12,13 +13,6 @@ from lrc_ext.init import identity_ as set_identity_
 
 D_S = 32
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _batch(seed=0):

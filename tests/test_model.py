@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tiny import one_thread_per_module  # noqa: F401  (an autouse fixture)
 from _tiny import D_T, FAMILIES, VOCAB, randomize_, tiny_config, tiny_teacher, tiny_tokenizer
 
 import lrc_ext
@@ -31,14 +32,6 @@ def fused_sizes(cfg, name):
     hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     return [cfg.num_attention_heads * hd] + [cfg.num_key_value_heads * hd] * 2
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: extra threads only add contention (10x slower on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def batch(b=2, s=10, lens=(7, 10), left=True, seed=0):
