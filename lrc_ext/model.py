@@ -273,7 +273,8 @@ class LowRankClone(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 return_logits: bool = False) -> LRCOutput:
         """Losses of a batch. ``labels``: transformers convention (same shape as input_ids,
-        shifted here, -100 ignored); None means input_ids. Padded tokens count in no term."""
+        shifted here, -100: no CE at that position); None means input_ids. The KL counts every
+        non-padded position, the CE the labelled ones; padded tokens count in no term."""
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
         return self._run(input_ids, attention_mask, labels, with_teacher=True, return_logits=return_logits)
 
