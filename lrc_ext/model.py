@@ -333,7 +333,7 @@ class LowRankClone(nn.Module):
 
     def _add_clone(self, clone: dict, mine: dict, layer: int):
         """Add one layer's clone MSEs into ``clone`` (see LRCOutput for the two clone_norms)."""
-        if self.clone_norm == "none":
+        if self.clone_norm == "none" or not mine:
             for k, v in mine.items():
                 clone[k] = clone[k] + v
             return

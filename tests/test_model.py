@@ -95,6 +95,7 @@ OPTIONS = [
     dict(clone_exclude="first", clone_kinds=("q", "o", "down")),
     dict(clone_exclude="outliers", _k=1.05),  # a small k, so that the tiny teacher has outliers
     dict(clone_norm="target", clone_exclude="first,outliers", _k=1.2, attn_clone_space="teacher"),
+    dict(clone_norm="target", clone_exclude="first", init="pca"),  # the pca init's walk, then the scales
 ]
 
 
@@ -137,8 +138,8 @@ def test_losses_match_plain_fp64(family, tie, opts, monkeypatch, fused):
     if "_k" in opts:
         monkeypatch.setattr(lrc_ext.model, "OUTLIER_K", opts["_k"])
     kw = {k: v for k, v in opts.items() if not k.startswith("_")}
-    cal = torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7))
-    if opts.get("clone_norm") == "target":
+    cal = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+    if opts.get("clone_norm") == "target" or opts.get("init") == "pca":
         kw["calibration"] = cal
     model = LowRankClone(teacher, D_S, fused=fused, **kw)
     with torch.no_grad():  # norms away from their init so any mix-up shows
