@@ -235,7 +235,8 @@ class LowRankClone(nn.Module):
         self.init_info = {"init": "normal", "init_std": float(init_std)}
         self._scales_ready = clone_norm != "target"
         if clone_norm == "target":  # NaN until measured (or loaded from a state dict)
-            self.register_buffer("clone_scale", torch.full((len(self.layers), len(KINDS)), float("nan")))
+            self.register_buffer("clone_scale", torch.full((len(self.layers), len(KINDS)), float("nan"),
+                                                           device=emb.device))
             self.register_load_state_dict_post_hook(_scales_loaded)
         if init == "pca":
             self.init_info = _init.pca_init_(self, calibration, calibration_attention_mask, **(init_options or {}))
