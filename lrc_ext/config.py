@@ -77,6 +77,19 @@ class TrainConfig:
     # loss: CE + KL(teacher || student at tau) + alpha * clone
     tau: float = _f(40.0, "distillation temperature of the KL term")
     alpha: float = _f(0.5, "weight of the activation-clone (MSE) term")
+    kl_reduction: str = _f("batchmean", "how the KL's sum over positions and vocabulary is divided: batchmean "
+                           "(by the number of sequences, the authors') or token (by the number of positions)")
+    tau_squared: bool = _f(False, "multiply the KL by tau^2 (Hinton's gradient scaling; the authors do not)")
+    clone_kinds: str = _f("q,k,v,gate,up,o,down", "the activations cloned by MSE, comma-separated, of "
+                          "q,k,v,gate,up,o,down")
+    attn_clone_space: str = _f("student", "where the attention output (kind o) is compared: student (o_T @ P, "
+                               "width d_S) or teacher (att_S @ W_o.T against o_T, width d_T: the authors' form)")
+    clone_norm: str = _f("none", "clone terms: none (each (layer, kind) MSE summed, the paper's) or target (each "
+                         "divided by that teacher activation's mean square over the --calibration-tokens "
+                         "training tokens, measured once at the start, then averaged over the terms)")
+    clone_exclude: str = _f("none", "tokens left out of the clone MSEs only (never the KL or CE): none, first "
+                            "(position 0 of each sequence, the attention sink), outliers (teacher residual norm "
+                            "over 8x the batch median at the layer's input) or first,outliers")
     use_lm: bool = _f(True, "the next-token cross-entropy term")
     use_kl: bool = _f(True, "the logit KL term")
     use_clone: bool = _f(True, "the activation-clone term")
@@ -127,7 +140,19 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split",
                 "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
-                "tau", "alpha", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
+                "tau", "alpha", "kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm",
+                "clone_exclude", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
+
+KL_REDUCTIONS = ("batchmean", "token")
+CLONE_KINDS = ("q", "k", "v", "gate", "up", "o", "down")  # lrc_ext.families.KINDS (no torch import here)
+ATTN_CLONE_SPACES = ("student", "teacher")
+CLONE_NORMS = ("none", "target")
+CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
+
+
+def clone_kinds(cfg: "TrainConfig") -> tuple:
+    """--clone-kinds as a tuple of kinds."""
+    return tuple(k.strip() for k in cfg.clone_kinds.split(","))
 
 
 def _type_of(f: dataclasses.Field):
@@ -257,6 +282,19 @@ def validate(cfg: TrainConfig):
     need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
     need(math.isfinite(cfg.alpha) and cfg.alpha >= 0, f"--alpha must be >= 0, got {cfg.alpha}")
     need(cfg.use_lm or cfg.use_kl or cfg.use_clone, "--no-lm, --no-kl and --no-clone together leave no loss")
+    need(cfg.kl_reduction in KL_REDUCTIONS, f"--kl-reduction must be batchmean or token, got {cfg.kl_reduction!r}")
+    kinds = clone_kinds(cfg)
+    bad = [k for k in kinds if k not in CLONE_KINDS]
+    need(not bad and len(set(kinds)) == len(kinds),
+         f"--clone-kinds must be distinct kinds from {','.join(CLONE_KINDS)}, comma-separated, got "
+         f"{cfg.clone_kinds!r}" + (f" (unknown: {','.join(bad)})" if bad else ""))
+    need(cfg.attn_clone_space in ATTN_CLONE_SPACES,
+         f"--attn-clone-space must be student or teacher, got {cfg.attn_clone_space!r}")
+    need(cfg.clone_norm in CLONE_NORMS, f"--clone-norm must be none or target, got {cfg.clone_norm!r}")
+    need(cfg.clone_exclude in CLONE_EXCLUDES,
+         f"--clone-exclude must be one of {', '.join(CLONE_EXCLUDES)}, got {cfg.clone_exclude!r}")
+    need(cfg.clone_norm != "target" or cfg.calibration_tokens >= 1,
+         f"--calibration-tokens must be >= 1 for --clone-norm target, got {cfg.calibration_tokens}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),

@@ -7,7 +7,8 @@ are ``clone_linear`` and ``distill_head``.
 
 Padding: the student works on the valid (attention_mask == 1) tokens only, packed into rows;
 they are scattered back to (B, S, .) just for attention. Padded tokens therefore count in no
-loss term and cost nothing in the linears.
+loss term and cost nothing in the linears. The KL counts every valid position, the CE those
+with a next-token label (not the last position, nor a label of -100).
 """
 from __future__ import annotations
 
@@ -27,12 +28,25 @@ from .modules import FusedCloneLinear, resolve_op
 from .ops.distill_head import check_options as check_head_options
 
 
+CLONE_NORMS = ("none", "target")
+CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
+# clone_exclude "outliers": a token whose teacher residual norm at a layer's input exceeds
+# OUTLIER_K x the median over the batch's valid tokens leaves that layer's clone terms.
+# Measured on SmolLM2-135M at seq 512 (experiments/clone_scale.py, bench/results/clone_scale.md):
+# the sink is 37-175x the median from layer 12 on, every other token <= 12x (<= 3x from layer 10).
+OUTLIER_K = 8.0
+
+
 @dataclass
 class LRCOutput:
     """loss = lm + kl + alpha * sum(clone.values()); every term a 0-dim fp32 tensor.
 
-    ``clone`` always has the seven kinds (0 for a kind that is switched off), each summed over
-    layers. ``logits`` (B, S, V) only with ``return_logits=True``; padded positions hold 0.
+    ``clone`` always has the seven kinds (0 for a kind that is switched off). clone_norm
+    "none": each kind's MSE summed over layers (the paper's sum). clone_norm "target": each
+    kind's sum over layers of MSE / scale[layer, kind], divided by the number of active
+    (layer, kind) terms, so that sum(clone.values()) is their average. With clone_exclude the
+    MSEs are means over the kept rows. ``logits`` (B, S, V) only with ``return_logits=True``;
+    padded positions hold 0.
     """
     loss: Tensor
     lm: Tensor
@@ -101,6 +115,7 @@ class LayerWalk:
 
     def __init__(self, model: "LowRankClone", input_ids: Tensor, attention_mask: Tensor | None):
         self.model = model
+        self.layer, self.row_weight = -1, None  # the layer being stepped; its clone rows' 0/1 weights
         self.B, self.S = B, S = input_ids.shape
         if attention_mask is None or bool(attention_mask.all()):
             self.rows, self.pos = None, torch.arange(S, device=input_ids.device).expand(B, S)
@@ -142,10 +157,15 @@ class LayerWalk:
         clone targets; skipped when ``kinds`` is None), then the student's, adding its clone
         MSEs into ``clone``. Returns (x_s, x_t)."""
         tgt = None
+        self.layer += 1
         if kinds is not None:
+            self.row_weight = self.model._clone_rows(self, x_t) if kinds else None
             with _capture(tl, kinds, self.model.layout) as tgt:
                 x_t = self.teacher_layer(tl, x_t)
-        return self.model._student_layer(self, sl, tl, x_s, tgt, clone), x_t
+        mine = {}  # this layer's terms, added into clone as the clone_norm says
+        x_s = self.model._student_layer(self, sl, tl, x_s, tgt, mine)
+        self.model._add_clone(clone, mine, self.layer)
+        return x_s, x_t
 
 
 class LowRankClone(nn.Module):
@@ -160,6 +180,14 @@ class LowRankClone(nn.Module):
     projection and norm set from the teacher's principal subspace over ``calibration`` token ids
     ((B, S) tensor, or a list; optional ``calibration_attention_mask``), see lrc_ext/init.py;
     ``init_options`` passes basis / refit / ridge / progress there. ``self.init_info`` reports it.
+
+    The clone loss beyond the paper (defaults: the paper's raw sum): ``clone_norm="target"``
+    divides each (layer, kind) MSE by the mean square of that teacher activation over the
+    ``calibration`` tokens (buffer ``clone_scale``, measured once by ``measure_clone_scales_``,
+    kept in state_dict), and averages the terms instead of summing them. ``clone_exclude``
+    drops rows from the clone MSEs only (never from KL or CE): "first" the position 0 of each
+    sequence (the attention sink), "outliers" the tokens whose teacher residual norm at the
+    layer's input is over OUTLIER_K x the batch median, or "first,outliers".
     """
 
     def __init__(self, teacher: nn.Module, student_hidden_size: int, *, fused: bool | None = None,
@@ -168,7 +196,7 @@ class LowRankClone(nn.Module):
                  kl_reduction: str = "batchmean", attn_clone_space: str = "student",
                  tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None,
                  init: str = "normal", calibration=None, calibration_attention_mask=None,
-                 init_options: dict | None = None):
+                 init_options: dict | None = None, clone_norm: str = "none", clone_exclude: str = "none"):
         super().__init__()
         fam.validate_teacher(teacher)
         if init not in _init.INITS:
@@ -176,8 +204,13 @@ class LowRankClone(nn.Module):
         if init == "pca" and calibration is None:
             raise ValueError("calibration: init='pca' needs calibration token ids (a (batch, seq) tensor of "
                              "input_ids, or a list of them; a few thousand tokens)")
-        if init == "normal" and (calibration is not None or init_options):
-            raise ValueError("calibration / init_options are only used with init='pca'")
+        if clone_norm not in CLONE_NORMS:
+            raise ValueError(f"clone_norm must be one of {list(CLONE_NORMS)}, got {clone_norm!r}")
+        if clone_exclude not in CLONE_EXCLUDES:
+            raise ValueError(f"clone_exclude must be one of {list(CLONE_EXCLUDES)}, got {clone_exclude!r}")
+        if init == "normal" and (init_options or (calibration is not None and clone_norm != "target")):
+            raise ValueError("calibration / init_options are only used with init='pca' (calibration also "
+                             "with clone_norm='target')")
         d_t = teacher.config.hidden_size
         d_s = student_hidden_size
         if isinstance(d_s, bool) or not isinstance(d_s, int) or not 0 < d_s <= d_t:
@@ -199,6 +232,7 @@ class LowRankClone(nn.Module):
         self.use_lm, self.use_kl, self.tau_squared = bool(use_lm), bool(use_kl), bool(tau_squared)
         self.clone_kinds = tuple(k for k in KINDS if use_clone and k in clone_kinds)
         self.kl_reduction, self.attn_clone_space = kl_reduction, attn_clone_space
+        self.clone_norm, self.clone_exclude = clone_norm, clone_exclude
         self.tokenizer = tokenizer
 
         emb, head = teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight
@@ -224,8 +258,15 @@ class LowRankClone(nn.Module):
                                f"{sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
         # init="pca": start inside the teacher's principal subspace (lrc_ext/init.py); report kept
         self.init_info = {"init": "normal", "init_std": float(init_std)}
+        self._scales_ready = clone_norm != "target"
+        if clone_norm == "target":  # NaN until measured (or loaded from a state dict)
+            self.register_buffer("clone_scale", torch.full((len(self.layers), len(KINDS)), float("nan"),
+                                                           device=emb.device))
+            self.register_load_state_dict_post_hook(_scales_loaded)
         if init == "pca":
             self.init_info = _init.pca_init_(self, calibration, calibration_attention_mask, **(init_options or {}))
+        if clone_norm == "target" and calibration is not None:
+            self.measure_clone_scales_(calibration, calibration_attention_mask)
 
     # ---- public helpers -------------------------------------------------------------------
     @property
@@ -258,7 +299,8 @@ class LowRankClone(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 return_logits: bool = False) -> LRCOutput:
         """Losses of a batch. ``labels``: transformers convention (same shape as input_ids,
-        shifted here, -100 ignored); None means input_ids. Padded tokens count in no term."""
+        shifted here, -100: no CE at that position); None means input_ids. The KL counts every
+        non-padded position, the CE the labelled ones; padded tokens count in no term."""
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
         return self._run(input_ids, attention_mask, labels, with_teacher=True, return_logits=return_logits)
 
@@ -266,6 +308,67 @@ class LowRankClone(nn.Module):
         """The student's (B, S, V) logits alone, without running the teacher (padded positions: 0)."""
         input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None)
         return self._run(input_ids, attention_mask, None, with_teacher=False, return_logits=True).logits
+
+    # ---- the clone loss' options ------------------------------------------------------------
+    @torch.no_grad()
+    def measure_clone_scales_(self, calibration, attention_mask=None, batch: int = 8) -> Tensor:
+        """clone_norm="target": set ``clone_scale[layer, kind]`` to the mean square of the teacher's
+        activation of that kind (its own width) over the calibration tokens' rows that the clone
+        loss keeps (clone_exclude applies here too). Returns the buffer."""
+        if self.clone_norm != "target":
+            raise ValueError("measure_clone_scales_: only used with clone_norm='target'")
+        ids, mask = _init.as_batch(calibration, attention_mask)
+        dev = self.p_emb.device
+        sums = torch.zeros(len(self.layers), len(KINDS), dtype=torch.float64, device=dev)
+        counts = torch.zeros_like(sums)
+        for b0 in range(0, ids.shape[0], batch):
+            i = ids[b0:b0 + batch].to(dev)
+            m = mask[b0:b0 + batch].to(dev) if mask is not None else None
+            walk = LayerWalk(self, i, m)
+            x_t = walk.e_t
+            for li, tl in enumerate(self.teacher.model.layers):
+                w = self._clone_rows(walk, x_t)
+                with _capture(tl, KINDS, self.layout) as got:
+                    x_t = walk.teacher_layer(tl, x_t)
+                for ki, kind in enumerate(KINDS):
+                    t = walk.pick(got[kind]).double()
+                    w_ = torch.ones(t.shape[0], dtype=t.dtype, device=dev) if w is None else w.double()
+                    sums[li, ki] += (w_[:, None] * t * t).sum()
+                    counts[li, ki] += w_.sum() * t.shape[1]
+        scale = sums / counts.clamp(min=1)
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("measure_clone_scales_: a teacher activation has no (finite, non-zero) mean square "
+                             "over the calibration tokens")
+        self.clone_scale.copy_(scale.float())
+        self._scales_ready = True
+        return self.clone_scale
+
+    def _clone_rows(self, walk: LayerWalk, x_t: Tensor):
+        """The clone terms' row weights (N,) fp32 for the layer whose input is x_t (1 kept,
+        0 excluded), or None when clone_exclude is "none"."""
+        if self.clone_exclude == "none":
+            return None
+        keep = torch.ones(walk.rows.numel() if walk.rows is not None else walk.B * walk.S, dtype=torch.bool,
+                          device=x_t.device)
+        if "first" in self.clone_exclude:  # position 0 of each sequence: the attention sink
+            keep &= walk.pick(walk.pos.reshape(walk.B, walk.S, 1))[:, 0] != 0
+        if "outliers" in self.clone_exclude:
+            norm = walk.pick(x_t).float().norm(dim=-1)
+            keep &= norm <= OUTLIER_K * norm.median()
+        return keep.float()
+
+    def _add_clone(self, clone: dict, mine: dict, layer: int):
+        """Add one layer's clone MSEs into ``clone`` (see LRCOutput for the two clone_norms)."""
+        if self.clone_norm == "none" or not mine:
+            for k, v in mine.items():
+                clone[k] = clone[k] + v
+            return
+        if not self._scales_ready:
+            raise RuntimeError("clone_norm='target': the clone scales are not measured; pass calibration= to "
+                               "LowRankClone, call measure_clone_scales_(ids), or load a state dict holding them")
+        n_terms = len(self.layers) * len(self.clone_kinds)
+        for k, v in mine.items():
+            clone[k] = clone[k] + v / (self.clone_scale[layer, _KIND_INDEX[k]] * n_terms)
 
     def _check_inputs(self, input_ids, attention_mask, labels):
         dev, vocab = self.p_emb.device, self.teacher.get_input_embeddings().weight.shape[0]
@@ -325,18 +428,18 @@ class LowRankClone(nn.Module):
         return LRCOutput(loss=total, lm=lm, kl=kl, clone=clone, logits=logits)
 
     def _head_losses(self, walk: LayerWalk, input_ids, labels, attention_mask, x_s, x_t):
-        """(lm, kl) from the final hidden states; x_t None: CE only, no teacher."""
+        """(lm, kl) from the final hidden states; x_t None: CE only, no teacher. Every valid
+        position goes to the head: the KL counts them all, the CE those with a label."""
         nxt = walk.pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
-        keep = (nxt != -100).nonzero().squeeze(1)
-        h_s = self.norm(x_s.index_select(0, keep))
-        h_t = (self.teacher.model.norm(walk.pick(x_t).index_select(0, keep)) if x_t is not None
-               else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
+        h_s = self.norm(x_s)
+        h_t = (self.teacher.model.norm(walk.pick(x_t)) if x_t is not None
+               else h_s.new_zeros(h_s.shape[0], self.teacher.config.hidden_size))  # lm only: no teacher
         w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
         dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
         h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
         return resolve_op("distill_head", self.fused)(
-            h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
+            h_s, h_t, w_t, p, nxt, tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
             tau_squared=self.tau_squared)
 
@@ -347,10 +450,11 @@ class LowRankClone(nn.Module):
             target = None
             if tgt is not None and kind in tgt and not (kind == "o" and self.attn_clone_space == "teacher"):
                 target = walk.pick(tgt[kind])
-            y = getattr(sl, kind)(inp, target, fused=self.fused)
+            y = getattr(sl, kind)(inp, target, fused=self.fused, row_weight=walk.row_weight if target is not None
+                                  else None)
             if target is not None:
                 y, mse = y
-                clone[kind] = clone[kind] + mse
+                clone[kind] = clone[kind] + mse if kind in clone else mse
             return y
 
         B, S, attn, lay = walk.B, walk.S, tl.self_attn, self.layout
@@ -370,7 +474,9 @@ class LowRankClone(nn.Module):
             # authors' form: MSE(att_S @ W_o.T, o_T) in the teacher's space
             d = F.linear(att, sl.o.teacher.weight.detach()) - walk.pick(tgt["o"])
             d = d.to(torch.promote_types(d.dtype, torch.float32))
-            clone["o"] = clone["o"] + (d * d).mean()
+            w = walk.row_weight
+            mse = (d * d).mean() if w is None else (w[:, None] * d * d).sum() / (w.sum().clamp(min=1) * d.shape[1])
+            clone["o"] = clone["o"] + mse if "o" in clone else mse
         x = x + (getattr(sl, lay.attn_post)(o) if lay.attn_post else o)
         b = getattr(sl, lay.mlp_norm)(x)
         m = lin("down", getattr(tl.mlp, lay.act)(lin("gate", b)) * lin("up", b))
@@ -422,6 +528,15 @@ class LowRankClone(nn.Module):
         if tok is not None:
             tok.save_pretrained(path)
         return path
+
+
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+
+
+def _scales_loaded(module, incompatible):
+    # a state dict that held clone_scale makes the scales ready
+    if not any(k.endswith("clone_scale") for k in incompatible.missing_keys):
+        module._scales_ready = True
 
 
 def _shift_labels(labels: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -36,7 +36,8 @@ class FusedCloneLinear(nn.Module):
     reference, not registered, so its weight is neither copied nor listed twice in
     parameters()/state_dict(); move the teacher yourself when using this module on its own.
     ``forward(x)`` returns y; ``forward(x, target)`` returns (y, mse) with mse the mean of
-    (y - target)^2 (target in the teacher's width for side="out": compared as target @ P).
+    (y - target)^2 (target in the teacher's width for side="out": compared as target @ P);
+    ``row_weight`` makes it the weighted mean over rows (see lrc_ext/ops/clone_linear.py).
     """
 
     def __init__(self, teacher_linear: nn.Linear, student_features: int, side: str = "in",
@@ -74,10 +75,12 @@ class FusedCloneLinear(nn.Module):
         b = self.teacher.bias if self.side == "in" else None
         return None if b is None else b.detach()
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None):
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None,
+                row_weight: torch.Tensor | None = None):
         op = resolve_op("clone_linear", self.fused if fused is None else fused)
+        extra = {} if row_weight is None else {"row_weight": row_weight}  # the MSE's row weights, if any
         # detach: the teacher stays frozen even if the caller left requires_grad on its weights
-        y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side)
+        y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side, **extra)
         return y if target is None else (y, mse)
 
     def extra_repr(self) -> str:

@@ -75,19 +75,29 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
     from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
-    cal = None
-    if cfg.init == "pca" and data is not None:
+    cal = None  # the calibration tokens of --init pca and of --clone-norm target's scales
+    if (cfg.init == "pca" or cfg.clone_norm == "target") and data is not None:
         cal = data.batch(0, -(-cfg.calibration_tokens // cfg.seq_len))
     try:
         model = LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
                              tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
-                             use_clone=cfg.use_clone, tokenizer=tokenizer)
+                             use_clone=cfg.use_clone, clone_kinds=config.clone_kinds(cfg),
+                             tau_squared=cfg.tau_squared, kl_reduction=cfg.kl_reduction,
+                             attn_clone_space=cfg.attn_clone_space, clone_norm=cfg.clone_norm,
+                             clone_exclude=cfg.clone_exclude, tokenizer=tokenizer)
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
+        if cal is not None and cfg.init == "pca":
             model.init_info = init_mod.pca_init_(model, cal)
+        if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
+            model.measure_clone_scales_(cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
-    if cal is not None:
+    if cal is not None and cfg.clone_norm == "target":
+        sc = model.clone_scale
+        say(f"clone    scales: the teacher's mean squares over {cal.numel():,} training tokens, "
+            f"{sc.min().item():.3g} .. {sc.max().item():.3g}")
+    if cal is not None and cfg.init == "pca":
         i = model.init_info
         say(f"init     pca on {i['tokens']:,} training tokens in {i['seconds']:.1f}s (basis {i['basis']}, "
             f"captures {100 * i['energy_fraction']:.1f}% of the residual stream's energy)")
@@ -96,6 +106,11 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
                 f"the basin the calibration found; peak rates of 1e-5 to 3e-5 kept it in the measured runs "
                 f"(bench/results/init_pca_lr.md)")
     return model
+
+
+def _student_buffers(model) -> dict:
+    """The student's buffers (clone_scale), saved with the parameters so a resume never re-measures."""
+    return {n: b for n, b in model.named_buffers() if not n.startswith("teacher.")}
 
 
 def resolve_device(cfg: TrainConfig):
@@ -381,6 +396,7 @@ class Trainer:
     def save(self):
         """Checkpoint the current step: every rank gathers (collectives under FSDP), rank 0 writes."""
         full = {n: self.par.full(p) for n, p in zip(self.names, self.params)}
+        full.update(_student_buffers(self.model))
         o_t, o_meta = checkpoint.optimizer_state(self.opt, self.names)
         if not self.par.is_main:
             return None
@@ -542,6 +558,7 @@ def finish(t: Trainer) -> int:
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
         from . import teacher as teacher_mod
         full = {n: par.full(p) for n, p in zip(t.names, t.params)}
+        full.update(_student_buffers(model))
         t.net = t.opt = t.params = None
         if par.is_main:
             teacher, _, _ = teacher_mod.load(t.cfg.teacher)

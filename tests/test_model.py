@@ -101,15 +101,58 @@ OPTIONS = [
     dict(tau=2.0, tau_squared=True, kl_reduction="token"),
     dict(use_lm=False, clone_kinds=("gate", "down")),
     dict(use_kl=False, use_clone=False),  # LM only: the teacher is not run
+    dict(clone_norm="target"),
+    dict(clone_exclude="first", clone_kinds=("q", "o", "down")),
+    dict(clone_exclude="outliers", _k=1.05),  # a small k, so that the tiny teacher has outliers
+    dict(clone_norm="target", clone_exclude="first,outliers", _k=1.2, attn_clone_space="teacher"),
+    dict(clone_norm="target", clone_exclude="first", init="pca"),  # the pca init's walk, then the scales
 ]
+
+
+def kept_rows(teacher, ids, am, opts):
+    """Per layer: which valid rows the clone terms keep, from the definitions (independent of
+    the model's code): position 0 of each sequence out for "first"; for "outliers" the tokens
+    whose residual norm at the layer's input is over k x the median over the valid tokens."""
+    valid = am.bool().reshape(-1)
+    ex = opts.get("clone_exclude", "none")
+    with torch.no_grad():
+        hs = teacher(input_ids=ids, attention_mask=am, position_ids=positions(am), output_hidden_states=True).hidden_states
+    out = []
+    for i in range(teacher.config.num_hidden_layers):
+        keep = torch.ones(int(valid.sum()), dtype=torch.bool)
+        if "first" in ex:
+            keep &= positions(am).reshape(-1)[valid] != 0
+        if "outliers" in ex:
+            norm = hs[i].reshape(-1, hs[i].shape[-1])[valid].norm(dim=-1)
+            keep &= norm <= opts["_k"] * norm.median()
+        out.append(keep)
+    return out
+
+
+def teacher_scales(teacher, cal, opts):
+    """clone_norm "target": per (layer, kind) mean square of the teacher's activation over the
+    calibration rows the clone loss keeps."""
+    am = torch.ones_like(cal)
+    with torch.no_grad():
+        _, acts = run_hooked(teacher, cal, am)
+    keeps = kept_rows(teacher, cal, am, opts)
+    return {(i, k): (acts[(i, k)][1].reshape(-1, acts[(i, k)][1].shape[-1])[keeps[i]] ** 2).mean()
+            for i in range(len(keeps)) for k in LINEARS}
 
 
 @pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
                                         ("gemma3_text", True), ("phi3", False)])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_losses_match_plain_fp64(family, tie, opts):
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_losses_match_plain_fp64(family, tie, opts, monkeypatch, fused):
     teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
-    model = LowRankClone(teacher, D_S, fused=False, **opts)
+    if "_k" in opts:
+        monkeypatch.setattr(lrc_ext.model, "OUTLIER_K", opts["_k"])
+    kw = {k: v for k, v in opts.items() if not k.startswith("_")}
+    cal = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+    if opts.get("clone_norm") == "target" or opts.get("init") == "pca":
+        kw["calibration"] = cal
+    model = LowRankClone(teacher, D_S, fused=fused, **kw)
     with torch.no_grad():  # norms away from their init so any mix-up shows
         for n, p in model.named_parameters():
             if p.requires_grad and p.dim() == 1:
@@ -128,9 +171,13 @@ def test_losses_match_plain_fp64(family, tie, opts):
     tau, alpha = opts.get("tau", 40.0), opts.get("alpha", 0.5)
     kinds = [] if opts.get("use_clone") is False else opts.get("clone_kinds", list(LINEARS))
     valid = am.bool().reshape(-1)
+    keeps = kept_rows(teacher, ids, am, opts)
+    target_norm = opts.get("clone_norm") == "target"
+    scales = teacher_scales(teacher, cal, opts) if target_norm else None
+    n_terms = len(model.layers) * len(kinds)
 
-    def mse(a, b):
-        d = (a - b).reshape(-1, a.shape[-1])[valid]
+    def mse(a, b, i):
+        d = (a - b).reshape(-1, a.shape[-1])[valid][keeps[i]]
         return (d * d).mean()
 
     clone = {}
@@ -140,21 +187,26 @@ def test_losses_match_plain_fp64(family, tie, opts):
             (x_s, y_s), (_, y_t) = s_acts[(i, kind)], t_acts[(i, kind)]
             p = getattr(sl, kind).proj.detach()
             if kind == "o" and opts.get("attn_clone_space") == "teacher":
-                total += mse(x_s @ teacher.model.layers[i].self_attn.o_proj.weight.t(), y_t)
+                term = mse(x_s @ teacher.model.layers[i].self_attn.o_proj.weight.t(), y_t, i)
             elif kind in ("o", "down"):
-                total += mse(y_s, y_t @ p)
+                term = mse(y_s, y_t @ p, i)
             else:
-                total += mse(y_s, y_t)
+                term = mse(y_s, y_t, i)
+            total += term / (scales[(i, kind)] * n_terms) if target_norm else term
         clone[kind] = total if kind in kinds else torch.zeros((), dtype=torch.float64)
+    if "outliers" in opts.get("clone_exclude", ""):
+        assert 0 < sum(int((~k).sum()) for k in keeps) < sum(k.numel() for k in keeps) / 2  # some rows out
 
     tgt = torch.full_like(labels, -100)
     tgt[:, :-1] = labels[:, 1:]
     tgt[(am == 0) | (torch.cat([am[:, 1:], torch.zeros_like(am[:, :1])], 1) == 0)] = -100
     keep = tgt != -100
     ce = F.cross_entropy(z_s[keep], tgt[keep])
-    lp_s, lp_t = F.log_softmax(z_s[keep] / tau, -1), F.log_softmax(z_t[keep] / tau, -1)
+    # the KL over every non-padded position (the last one and the -100 one included)
+    pos = am.bool()
+    lp_s, lp_t = F.log_softmax(z_s[pos] / tau, -1), F.log_softmax(z_t[pos] / tau, -1)
     kl = (lp_t.exp() * (lp_t - lp_s)).sum()
-    kl = kl / (keep.sum() if opts.get("kl_reduction") == "token" else ids.shape[0])
+    kl = kl / (pos.sum() if opts.get("kl_reduction") == "token" else ids.shape[0])
     kl = kl * tau * tau if opts.get("tau_squared") else kl
     lm = ce if opts.get("use_lm", True) else torch.zeros(())
     kl = kl if opts.get("use_kl", True) else torch.zeros(())
