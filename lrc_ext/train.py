@@ -84,7 +84,8 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
                              use_clone=cfg.use_clone, clone_kinds=config.clone_kinds(cfg),
                              tau_squared=cfg.tau_squared, kl_reduction=cfg.kl_reduction,
                              attn_clone_space=cfg.attn_clone_space, clone_norm=cfg.clone_norm,
-                             clone_exclude=cfg.clone_exclude, tokenizer=tokenizer)
+                             clone_exclude=cfg.clone_exclude, tokenizer=tokenizer,
+                             tie_head={"auto": None, "tied": True, "untied": False}[cfg.head])
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
         if cal is not None and cfg.init == "pca":
@@ -132,7 +133,7 @@ def resolve_device(cfg: TrainConfig):
 def resume_config(ckpt: Path, given: dict) -> TrainConfig:
     """The checkpoint's own config, with the settings given now laid over it; settings that
     change the numbers must agree."""
-    saved = config.from_dict(checkpoint.read_state(ckpt)["config"], f"{ckpt}/state.json")
+    saved = config.from_dict(checkpoint.read_state(ckpt)["config"], f"{ckpt}/state.json", saved=True)
     for k, v in given.items():
         if k in config.RUN_IDENTITY and v != getattr(saved, k):
             raise ConfigError(f"--resume: {config._flag(k)} {v} differs from the run's {getattr(saved, k)} "
