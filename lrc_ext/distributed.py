@@ -223,6 +223,12 @@ class Parallel:
             return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         return full
 
+    def load_teacher(self, teacher: nn.Module, src: str, device: torch.device):
+        """Fill a meta-device teacher after ``wrap``: each rank reads its own rows of every
+        teacher tensor from the safetensors files (lrc_ext/teacher.py, ``load_shards``)."""
+        from .teacher import load_shards
+        load_shards(teacher, src, device)
+
     @contextlib.contextmanager
     def teacher_alone(self):
         """A teacher-only forward (the teacher's held-out CE) under FSDP2: the root group is
@@ -252,6 +258,12 @@ def param_bytes(model: nn.Module) -> dict:
         out[f"{who}_local"] += local.numel() * local.element_size()
         out[f"{who}_full"] += math.prod(p.shape) * p.element_size()
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (Linux: ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _comm_device() -> torch.device:

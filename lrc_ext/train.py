@@ -67,11 +67,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (n - step) / max(1, n - w))
 
 
-def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
+def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, amp=None):
     """The LowRankClone for cfg (projections drawn from cfg.seed, on the CPU, so every device
     starts from the same student). --init pca calibrates on the first --calibration-tokens of
     the training sequences of `data`; without `data` (resuming, reloading) the init is skipped.
-    On an accelerator `device` the calibration runs there (the model is moved first)."""
+    On an accelerator `device` the calibration runs there (the model is moved first), under
+    `amp` (the run's autocast: a bf16 teacher beside fp32 trainables). The trainables are fp32
+    masters whatever dtype the teacher is held in."""
     from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
@@ -81,10 +83,11 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
     try:
         model = LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
                              tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
-                             use_clone=cfg.use_clone, tokenizer=tokenizer)
+                             use_clone=cfg.use_clone, tokenizer=tokenizer, param_dtype=torch.float32)
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
-            model.init_info = init_mod.pca_init_(model, cal)
+            with amp if amp is not None else contextlib.nullcontext():
+                model.init_info = init_mod.pca_init_(model, cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
     if cal is not None:
@@ -285,15 +288,23 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     t_start = time.time()
     out = Path(cfg.output_dir)
     say(f"lrc_ext.train -> {out}")
+    # FSDP: the teacher on the meta device, sharded, then each rank reads its shard (lrc_ext/
+    # distributed.py); a pca start calibrates on the whole teacher before wrapping.
+    meta = par.mode == "fsdp" and (cfg.init != "pca" or resume_from is not None)
+    rss0 = distributed.peak_rss()
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
-        teacher, tok, src = teacher_mod.load(cfg.teacher)
+        teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype), meta=meta)
         data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
-        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
+        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held in "
+        f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     say(f"data     {cfg.data}: {data.describe()}")
-    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device)
+    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
+    rss_grew = distributed.peak_rss() - rss0  # teacher + data + student, before any sharding
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
+    if getattr(teacher, "lrc_meta", False):
+        par.load_teacher(model.teacher, src, device)
     trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
                       tokenizer=tok, out=out)
     trainer.t_start = t_start
@@ -308,6 +319,11 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
             f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
             f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
             f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
+        grew = par.all_gather_float(rss_grew / 2**20)
+        say(f"memory   peak host RSS growth a rank from loading the teacher to wrapping: "
+            f"{', '.join(f'{x:.0f}' for x in grew)} MiB ({'teacher built on the meta device, each rank read its '
+            f'shard after wrapping' if meta else 'the whole teacher on each rank'}; the whole teacher is "
+            f"{b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
 
 
@@ -538,13 +554,17 @@ def finish(t: Trainer) -> int:
     if device.type == "cuda":
         peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
         say("memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+    if par.active:
+        peak = par.all_gather_float(distributed.peak_rss() / 2**30)
+        say("memory   peak host RSS per rank up to the end of training: " + ", ".join(f"{x:.2f}" for x in peak)
+            + " GiB")
     model, teacher = t.model, t.teacher
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
         from . import teacher as teacher_mod
         full = {n: par.full(p) for n, p in zip(t.names, t.params)}
         t.net = t.opt = t.params = None
         if par.is_main:
-            teacher, _, _ = teacher_mod.load(t.cfg.teacher)
+            teacher, _, _ = teacher_mod.load(t.cfg.teacher, dtype=next(t.teacher.parameters()).dtype)
             model = build_model(t.cfg, teacher, t.tokenizer)
             model.load_trainable_state_dict(full)
             model = model.to(device)
@@ -570,7 +590,9 @@ def export_and_verify(t: Trainer, model):
     data = t.data
     x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: t.cfg.micro_batch_size].to(t.device)
     with torch.no_grad():
-        diff = (model.student_logits(x).float() - stock(x).logits.float()).abs().max().item()
+        with t.amp:  # as trained: a bf16 teacher beside fp32 trainables needs the run's autocast
+            mine = model.student_logits(x).float()
+        diff = (mine - stock(x).logits.float()).abs().max().item()
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
         f"on a held-out batch: {diff:.3g}")

@@ -202,3 +202,77 @@ def test_fsdp_gathers_one_teacher_layer_at_a_time():
     assert seen["after_forward"] == seen["after_backward"] == seen["after_teacher_alone"] == ()
     b = seen["bytes"]
     assert b["teacher_local"] <= b["teacher_full"] / 2 + 4096 and b["student_local"] <= b["student_full"] / 2 + 4096
+
+
+# ---- FSDP2 with a meta-device teacher: each rank reads its own shard ------------------------
+
+def _meta_probe(rank, world, port, root, q):
+    """Today's path (the whole teacher on every rank, then sharded) and the meta-device path
+    (sharded first, each rank reading its rows from the safetensors) on the same tiny teacher:
+    the same losses and gradient shards over two optimiser steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from lrc_ext import teacher as teacher_mod
+    from lrc_ext.distributed import Parallel
+    from lrc_ext.model import LowRankClone
+    par = Parallel("fsdp")
+    par.init("cpu", 60)
+    try:
+        res = {}
+        for meta in (False, True):
+            t, _, src = teacher_mod.load(root, meta=meta)
+            res[f"meta_before_wrap_{meta}"] = all(p.is_meta for p in t.parameters())
+            torch.manual_seed(0)
+            model = LowRankClone(t, 32, param_dtype=torch.float32)
+            par.wrap(model, torch.device("cpu"), find_unused=False)
+            if meta:
+                par.load_teacher(model.teacher, src, torch.device("cpu"))
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+            losses, grads = [], []
+            for _ in range(2):
+                out = model(x)
+                out.loss.backward()
+                losses.append(out.loss.item())
+                grads.append([p.grad.to_local().clone() for p in model.parameters() if p.requires_grad])
+                opt.step()
+                opt.zero_grad()
+            res[meta] = (losses, grads)
+        same = res[False][0] == res[True][0] and all(
+            torch.equal(a, b) for ga, gb in zip(res[False][1], res[True][1]) for a, b in zip(ga, gb))
+        q.put((rank, same, res[False][0], res[True][0], res["meta_before_wrap_True"], res["meta_before_wrap_False"]))
+    finally:
+        par.barrier()
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def test_fsdp_meta_teacher_matches_the_whole_teacher_path(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from _tiny import tiny_teacher
+    from test_train import build_tokenizer
+    root = tmp_path / "teacher"
+    tiny_teacher("llama", layers=3, tie=True).save_pretrained(root)  # tied: the LM head is the embedding
+    build_tokenizer().save_pretrained(root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_meta_probe, args=(r, 2, port, str(root), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = [q.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, same, want, meta_losses, was_meta, whole_was_meta in got:
+        assert was_meta and not whole_was_meta, rank  # nothing of the teacher real before wrapping
+        assert same, (rank, want, meta_losses)        # bit for bit: same shards, same order of sums
+        assert len(set(want)) == 2                    # the optimiser step changed the loss
