@@ -319,11 +319,11 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
             f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
             f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
             f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
-        grew = par.all_gather_float(rss_grew / 2**20)
-        say(f"memory   peak host RSS growth a rank from loading the teacher to wrapping: "
-            f"{', '.join(f'{x:.0f}' for x in grew)} MiB ({'teacher built on the meta device, each rank read its '
-            f'shard after wrapping' if meta else 'the whole teacher on each rank'}; the whole teacher is "
-            f"{b['teacher_full'] / 2**20:.0f} MiB)")
+        grew = ", ".join(f"{x:.0f}" for x in par.all_gather_float(rss_grew / 2**20))
+        how = ("teacher built on the meta device, each rank read its shard after wrapping" if meta
+               else "the whole teacher on each rank")
+        say(f"memory   peak host RSS growth a rank from loading the teacher to wrapping: {grew} MiB ({how}; "
+            f"the whole teacher is {b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
 
 
