@@ -276,3 +276,27 @@ def test_fsdp_meta_teacher_matches_the_whole_teacher_path(tmp_path):
         assert was_meta and not whole_was_meta, rank  # nothing of the teacher real before wrapping
         assert same, (rank, want, meta_losses)        # bit for bit: same shards, same order of sums
         assert len(set(want)) == 2                    # the optimiser step changed the loss
+
+
+def test_fsdp_no_rank_holds_the_whole_teacher_before_wrapping(tiny, tmp_path):
+    """A teacher of 134 MB (fp32; two 65536 x 256 embeddings): under --parallel fsdp each rank's
+    peak host RSS grows by less than the whole teacher from before the teacher is loaded to the
+    wrapping (the trainer measures it with ru_maxrss and reports it; loading the whole teacher,
+    as before, grows it by at least the teacher), and the run trains."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_train import build_tokenizer
+    root = tmp_path / "teacher"
+    cfg = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=65536,
+                               max_position_embeddings=512, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
+    build_tokenizer().save_pretrained(root)
+    r = ok(run2(args_for(tiny, tmp_path / "o", **{"--teacher": root, "--parallel": "fsdp", "--max-steps": 1,
+                                                     "--eval-tokens": 0, "--save-every": 0})))
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("memory   peak host RSS growth"))
+    grew = [float(x) for x in line.split(": ")[1].split(" MiB")[0].split(", ")]
+    whole = float(line.split("the whole teacher is ")[1].split()[0])
+    assert len(grew) == 2 and whole > 120, line
+    assert all(g < 0.5 * whole for g in grew), line
+    assert "peak host RSS per rank up to the end of training" in r.stdout
