@@ -109,6 +109,12 @@ def load(spec: str, device: str = "cpu", dtype=torch.float32, meta: bool = False
                            f"LRC supports {', '.join(SUPPORTED)}")
     meta = meta and isinstance(src, Path) and bool(weight_map(src, spec))
     try:
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]  # import the model's code now, to measure the model alone
+    except Exception:
+        pass
+    rss0 = host_rss()
+    try:
         if meta:
             with meta_parameters():
                 model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -122,7 +128,17 @@ def load(spec: str, device: str = "cpu", dtype=torch.float32, meta: bool = False
         raise TeacherError(f"--teacher {spec}: cannot load its tokenizer: {one_line(e)}") from None
     tok.model_max_length = 1 << 40  # we pack long documents ourselves; silence length warnings
     model.lrc_meta = meta
+    model.lrc_host_bytes = host_rss() - rss0  # resident memory the teacher's weights took on this process
     return (model if meta else model.to(device)).eval(), tok, str(src)
+
+
+def host_rss() -> int:
+    """This process's resident set size now, in bytes (Linux /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
 
 
 # -- a teacher built on the meta device, loaded shard by shard -------------------------------

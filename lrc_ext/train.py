@@ -291,7 +291,6 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     # FSDP: the teacher on the meta device, sharded, then each rank reads its shard (lrc_ext/
     # distributed.py); a pca start calibrates on the whole teacher before wrapping.
     meta = par.mode == "fsdp" and (cfg.init != "pca" or resume_from is not None)
-    rss0 = distributed.peak_rss()
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
         teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype), meta=meta)
         data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
@@ -300,8 +299,9 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held in "
         f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     say(f"data     {cfg.data}: {data.describe()}")
+    rss0 = teacher_mod.host_rss()
     model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
-    rss_grew = distributed.peak_rss() - rss0  # teacher + data + student, before any sharding
+    rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
     if getattr(teacher, "lrc_meta", False):
         par.load_teacher(model.teacher, src, device)
@@ -322,7 +322,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
         grew = ", ".join(f"{x:.0f}" for x in par.all_gather_float(rss_grew / 2**20))
         how = ("teacher built on the meta device, each rank read its shard after wrapping" if meta
                else "the whole teacher on each rank")
-        say(f"memory   peak host RSS growth a rank from loading the teacher to wrapping: {grew} MiB ({how}; "
+        say(f"memory   host RSS a rank for the teacher and student before wrapping: {grew} MiB ({how}; "
             f"the whole teacher is {b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
 
