@@ -21,6 +21,7 @@ Every failure a user can cause raises TeacherError with one line saying what to 
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -29,8 +30,6 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
-
-import contextlib
 
 import torch
 from torch import nn

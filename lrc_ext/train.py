@@ -302,8 +302,9 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     rss0 = teacher_mod.host_rss()
     model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
     rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
+    meta = getattr(teacher, "lrc_meta", False)  # False when the source had no local safetensors
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
-    if getattr(teacher, "lrc_meta", False):
+    if meta:
         par.load_teacher(model.teacher, src, device)
     trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
                       tokenizer=tok, out=out)
