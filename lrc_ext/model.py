@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import families as fam
 from . import init as _init
 from .families import KINDS
-from .modules import FusedCloneLinear, resolve_op
+from .modules import FusedCloneLinear, resolve_op, student_placement
 from .ops.distill_head import check_options as check_head_options
 
 
@@ -59,12 +59,13 @@ class StudentLayer(nn.Module):
     """One student decoder layer's trainable state: seven projections and the family's
     RMSNorms (two; Gemma-3: four)."""
 
-    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float, layout: fam.Layout):
+    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float, layout: fam.Layout, dtype=None):
         super().__init__()
         for kind, (_, side) in KINDS.items():
-            setattr(self, kind, FusedCloneLinear(layout.teacher_linear(t_layer, kind), d_s, side, fused, init_std))
+            setattr(self, kind, FusedCloneLinear(layout.teacher_linear(t_layer, kind), d_s, side, fused, init_std,
+                                                 dtype=dtype))
         for n in layout.norms:
-            setattr(self, n, _student_norm(getattr(t_layer, n), d_s))
+            setattr(self, n, _student_norm(getattr(t_layer, n), d_s, dtype))
 
     def forward(self, step, *args):
         """``step(*args)``: one lockstep layer (the teacher's layer, then this one), run as this
@@ -73,10 +74,10 @@ class StudentLayer(nn.Module):
         return step(*args)
 
 
-def _student_norm(t_norm: nn.Module, d_s: int) -> nn.Module:
+def _student_norm(t_norm: nn.Module, d_s: int, dtype=None) -> nn.Module:
     # The family's own RMSNorm class, same eps, width d_S, gain 1 (its stock init).
-    w = t_norm.weight
-    return type(t_norm)(d_s, eps=fam.Layout.eps(t_norm)).to(device=w.device, dtype=w.dtype)
+    dtype, device = student_placement(t_norm.weight, dtype)
+    return type(t_norm)(d_s, eps=fam.Layout.eps(t_norm)).to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
@@ -188,6 +189,10 @@ class LowRankClone(nn.Module):
     drops rows from the clone MSEs only (never from KL or CE): "first" the position 0 of each
     sequence (the attention sink), "outliers" the tokens whose teacher residual norm at the
     layer's input is over OUTLIER_K x the batch median, or "first,outliers".
+    ``param_dtype``: the trainables' dtype (default: the teacher's). The trainer holds the
+    teacher in the compute dtype and passes float32 here: fp32 master weights, cast by
+    autocast per call, beside a bf16 teacher that is never cast. A teacher on the meta device
+    (FSDP loads its shards after wrapping) gets real CPU trainables.
     """
 
     def __init__(self, teacher: nn.Module, student_hidden_size: int, *, fused: bool | None = None,
@@ -196,7 +201,8 @@ class LowRankClone(nn.Module):
                  kl_reduction: str = "batchmean", attn_clone_space: str = "student",
                  tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None,
                  init: str = "normal", calibration=None, calibration_attention_mask=None,
-                 init_options: dict | None = None, clone_norm: str = "none", clone_exclude: str = "none"):
+                 init_options: dict | None = None, clone_norm: str = "none", clone_exclude: str = "none",
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         fam.validate_teacher(teacher)
         if init not in _init.INITS:
@@ -241,14 +247,17 @@ class LowRankClone(nn.Module):
         # Refuse a width that cannot be exported now, not after training.
         self.student_config, stock_shapes = fam.check_width(teacher, d_s, self.tie_head and teacher_tied)
 
+        p_dtype, p_device = student_placement(emb, param_dtype)
+
         def proj():
-            return nn.Parameter(torch.empty(d_t, d_s, dtype=emb.dtype, device=emb.device).normal_(0.0, init_std))
+            return nn.Parameter(torch.empty(d_t, d_s, dtype=p_dtype, device=p_device).normal_(0.0, init_std))
         self.p_emb = proj()
         self.p_head = None if self.tie_head else proj()
         base = teacher.model
         self.layout = fam.layout(teacher)
-        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std, self.layout) for tl in base.layers)
-        self.norm = _student_norm(base.norm, d_s)
+        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std, self.layout, param_dtype)
+                                    for tl in base.layers)
+        self.norm = _student_norm(base.norm, d_s, param_dtype)
         self._fam = fam.family_module(teacher)
 
         ours = {k: shape for k, (shape, _) in self._export_entries().items()}
@@ -261,7 +270,7 @@ class LowRankClone(nn.Module):
         self._scales_ready = clone_norm != "target"
         if clone_norm == "target":  # NaN until measured (or loaded from a state dict)
             self.register_buffer("clone_scale", torch.full((len(self.layers), len(KINDS)), float("nan"),
-                                                           device=emb.device))
+                                                           device=p_device))
             self.register_load_state_dict_post_hook(_scales_loaded)
         if init == "pca":
             self.init_info = _init.pca_init_(self, calibration, calibration_attention_mask, **(init_options or {}))
@@ -422,7 +431,7 @@ class LowRankClone(nn.Module):
             lm, kl = self._head_losses(walk, input_ids, labels, attention_mask, x_s, x_t if need_teacher else None)
         logits = None
         if return_logits:
-            w_head = self.teacher.get_output_embeddings().weight.detach() @ self.head_proj
+            w_head = _matmul(self.teacher.get_output_embeddings().weight.detach(), self.head_proj)
             logits = walk.unpick(F.linear(self.norm(x_s), w_head))
         total = lm + kl + self.alpha * sum(clone.values())
         return LRCOutput(loss=total, lm=lm, kl=kl, clone=clone, logits=logits)
@@ -490,8 +499,8 @@ class LowRankClone(nn.Module):
         emb, head = t.get_input_embeddings().weight, t.get_output_embeddings().weight
         emb_k, norm_k = fam.export_folds(t, d_s, self.student_config.tie_word_embeddings)
         ents = {
-            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: (emb.detach() @ self.p_emb) * emb_k),
-            "lm_head.weight": ((head.shape[0], d_s), lambda: (head.detach() @ self.head_proj) * (1 / norm_k)),
+            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: _matmul(emb.detach(), self.p_emb) * emb_k),
+            "lm_head.weight": ((head.shape[0], d_s), lambda: _matmul(head.detach(), self.head_proj) * (1 / norm_k)),
             "model.norm.weight": ((d_s,), lambda: lay.weight_for_gain(lay.gain(self.norm) * norm_k)),
         }
         for i, (sl, tl) in enumerate(zip(self.layers, t.model.layers)):
@@ -537,6 +546,14 @@ def _scales_loaded(module, incompatible):
     # a state dict that held clone_scale makes the scales ready
     if not any(k.endswith("clone_scale") for k in incompatible.missing_keys):
         module._scales_ready = True
+
+
+def _matmul(w_t: Tensor, p: Tensor) -> Tensor:
+    """W_T @ P; outside autocast a teacher held in another dtype than P is cast to P's (export,
+    logits: not the training path, where autocast casts P and leaves a bf16 W_T as it is)."""
+    if w_t.dtype != p.dtype and not torch.is_autocast_enabled(p.device.type):
+        w_t = w_t.to(p.dtype)
+    return w_t @ p
 
 
 def _shift_labels(labels: Tensor, attention_mask: Tensor | None) -> Tensor:

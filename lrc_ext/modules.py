@@ -29,10 +29,19 @@ def resolve_op(name: str, fused: bool | None):
 _MODULES: dict = {}
 
 
+def student_placement(teacher_weight: torch.Tensor, dtype: torch.dtype | None = None):
+    """(dtype, device) of a trainable tensor made beside ``teacher_weight``: ``dtype`` or the
+    teacher's, on the teacher's device, except that a teacher on the meta device (whose
+    weights are loaded after sharding, lrc_ext/distributed.py) gets real CPU trainables."""
+    w = teacher_weight
+    return dtype or w.dtype, (torch.device("cpu") if w.is_meta else w.device)
+
+
 class FusedCloneLinear(nn.Module):
     """Student linear with weight ``W_T @ P`` (side="in") or ``P.T @ W_T`` (side="out").
 
-    Only ``proj`` (d_T, d_S), N(0, init_std), is a parameter. The teacher nn.Linear is held by
+    Only ``proj`` (d_T, d_S), N(0, init_std), is a parameter, in ``dtype`` (default: the teacher
+    weight's; a trainer keeps fp32 masters beside a bf16 teacher). The teacher nn.Linear is held by
     reference, not registered, so its weight is neither copied nor listed twice in
     parameters()/state_dict(); move the teacher yourself when using this module on its own.
     ``forward(x)`` returns y; ``forward(x, target)`` returns (y, mse) with mse the mean of
@@ -41,7 +50,7 @@ class FusedCloneLinear(nn.Module):
     """
 
     def __init__(self, teacher_linear: nn.Linear, student_features: int, side: str = "in",
-                 fused: bool | None = None, init_std: float = 0.02):
+                 fused: bool | None = None, init_std: float = 0.02, dtype: torch.dtype | None = None):
         super().__init__()
         side_is_out(side, "FusedCloneLinear")
         if not isinstance(teacher_linear, nn.Linear):
@@ -55,7 +64,8 @@ class FusedCloneLinear(nn.Module):
             raise ValueError(f"FusedCloneLinear: student_features must be in [1, {d_t}], got {student_features}")
         self.__dict__["teacher"] = teacher_linear  # plain attribute: bypasses Module registration
         self.side, self.fused = side, fused
-        self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=w.dtype, device=w.device))
+        dtype, device = student_placement(w, dtype)
+        self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=dtype, device=device))
         nn.init.normal_(self.proj, 0.0, init_std)
 
     @property
@@ -67,8 +77,8 @@ class FusedCloneLinear(nn.Module):
         return self.teacher.out_features if self.side == "in" else self.proj.shape[1]
 
     def student_weight(self) -> torch.Tensor:
-        """The materialised W_S (out_S, in_S), for export."""
-        w = self.teacher.weight.detach()
+        """The materialised W_S (out_S, in_S), for export (in the projection's dtype)."""
+        w = self.teacher.weight.detach().to(self.proj.dtype)
         return w @ self.proj if self.side == "in" else self.proj.t() @ w
 
     def student_bias(self):

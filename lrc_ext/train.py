@@ -67,11 +67,13 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (n - step) / max(1, n - w))
 
 
-def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
+def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, amp=None):
     """The LowRankClone for cfg (projections drawn from cfg.seed, on the CPU, so every device
     starts from the same student). --init pca calibrates on the first --calibration-tokens of
     the training sequences of `data`; without `data` (resuming, reloading) the init is skipped.
-    On an accelerator `device` the calibration runs there (the model is moved first)."""
+    On an accelerator `device` the calibration runs there (the model is moved first), under
+    `amp` (the run's autocast: a bf16 teacher beside fp32 trainables). The trainables are fp32
+    masters whatever dtype the teacher is held in."""
     from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
@@ -85,13 +87,15 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
                              tau_squared=cfg.tau_squared, kl_reduction=cfg.kl_reduction,
                              attn_clone_space=cfg.attn_clone_space, clone_norm=cfg.clone_norm,
                              clone_exclude=cfg.clone_exclude, tokenizer=tokenizer,
-                             tie_head={"auto": None, "tied": True, "untied": False}[cfg.head])
+                             tie_head={"auto": None, "tied": True, "untied": False}[cfg.head],
+                             param_dtype=torch.float32)
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
-        if cal is not None and cfg.init == "pca":
-            model.init_info = init_mod.pca_init_(model, cal)
-        if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
-            model.measure_clone_scales_(cal)
+        with amp if amp is not None else contextlib.nullcontext():
+            if cal is not None and cfg.init == "pca":
+                model.init_info = init_mod.pca_init_(model, cal)
+            if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
+                model.measure_clone_scales_(cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
     if cal is not None and cfg.clone_norm == "target":
@@ -301,15 +305,25 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     t_start = time.time()
     out = Path(cfg.output_dir)
     say(f"lrc_ext.train -> {out}")
+    # FSDP: the teacher on the meta device, sharded, then each rank reads its shard (lrc_ext/
+    # distributed.py); a fresh --init pca or --clone-norm target run measures the whole teacher
+    # before wrapping, so it loads it whole.
+    meta = par.mode == "fsdp" and ((cfg.init != "pca" and cfg.clone_norm != "target") or resume_from is not None)
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
-        teacher, tok, src = teacher_mod.load(cfg.teacher)
+        teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype), meta=meta)
         data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
-        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
+        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held in "
+        f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     say(f"data     {cfg.data}: {data.describe()}")
-    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device)
+    rss0 = teacher_mod.host_rss()
+    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
+    rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
+    meta = getattr(teacher, "lrc_meta", False)  # False when the source had no local safetensors
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
+    if meta:
+        par.load_teacher(model.teacher, src, device)
     trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
                       tokenizer=tok, out=out)
     trainer.t_start = t_start
@@ -324,6 +338,11 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
             f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
             f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
             f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
+        grew = ", ".join(f"{x:.0f}" for x in par.all_gather_float(rss_grew / 2**20))
+        how = ("teacher built on the meta device, each rank read its shard after wrapping" if meta
+               else "the whole teacher on each rank")
+        say(f"memory   host RSS a rank for the teacher and student before wrapping: {grew} MiB ({how}; "
+            f"the whole teacher is {b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
 
 
@@ -555,6 +574,10 @@ def finish(t: Trainer) -> int:
     if device.type == "cuda":
         peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
         say("memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+    if par.active:
+        peak = par.all_gather_float(distributed.peak_rss() / 2**30)
+        say("memory   peak host RSS per rank up to the end of training: " + ", ".join(f"{x:.2f}" for x in peak)
+            + " GiB")
     model, teacher = t.model, t.teacher
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
         from . import teacher as teacher_mod
@@ -562,7 +585,7 @@ def finish(t: Trainer) -> int:
         full.update(_student_buffers(model))
         t.net = t.opt = t.params = None
         if par.is_main:
-            teacher, _, _ = teacher_mod.load(t.cfg.teacher)
+            teacher, _, _ = teacher_mod.load(t.cfg.teacher, dtype=next(t.teacher.parameters()).dtype)
             model = build_model(t.cfg, teacher, t.tokenizer)
             model.load_trainable_state_dict(full)
             model = model.to(device)
@@ -588,7 +611,9 @@ def export_and_verify(t: Trainer, model):
     data = t.data
     x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: t.cfg.micro_batch_size].to(t.device)
     with torch.no_grad():
-        diff = (model.student_logits(x).float() - stock(x).logits.float()).abs().max().item()
+        with t.amp:  # as trained: a bf16 teacher beside fp32 trainables needs the run's autocast
+            mine = model.student_logits(x).float()
+        diff = (mine - stock(x).logits.float()).abs().max().item()
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
         f"on a held-out batch: {diff:.3g}")

@@ -9,6 +9,7 @@ one thread, and runs sharing the machine disturb each other less).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -483,3 +484,55 @@ def test_real_default_job(tmp_path):
     diff = float(r.stdout.split("on a held-out batch: ")[1].split()[0])
     assert diff < 1e-3
     print(f"default job: {time.time() - t0:.0f}s; {r.stdout[-1500:]}")
+
+
+# ---- the teacher in the training dtype --------------------------------------------------------
+
+class _CastCounter:
+    """A TorchDispatchMode counting dtype casts (aten._to_copy) of the given tensors' storages,
+    and the clone-linear ops that ran."""
+
+    def __init__(self, tensors):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+        counter = self
+        self.casts, self.clone_linears = 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in ptrs:
+                    counter.casts += 1
+                if func is torch.ops.lrc_ext.clone_linear.default:
+                    counter.clone_linears += 1
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+
+
+def _setup_trainer(tiny, out, dtype):
+    from lrc_ext import train
+    cfg, _ = train.configure([str(a) for a in tiny_args(tiny, out, **{"--dtype": dtype, "--max-steps": 2})])
+    return train.setup(cfg, None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_teacher_in_the_training_dtype_and_never_cast_in_a_step(tiny, tmp_path, dtype):
+    """--dtype bfloat16: a bf16 teacher beside fp32 trainables, and a whole optimiser step
+    (forward, backward, the fused CPU clone linears and distillation head under autocast) casts
+    no teacher weight; float32: an fp32 teacher. The counter does see the casts: the same step
+    with the teacher put back in fp32 under bf16 autocast casts every frozen weight."""
+    trainer = _setup_trainer(tiny, tmp_path / "o", dtype)
+    want = getattr(torch, dtype)
+    assert {p.dtype for p in trainer.teacher.parameters()} == {want}
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # fp32 masters
+    frozen = [p for n, p in trainer.teacher.named_parameters() if p.dim() == 2]
+    count = _CastCounter(frozen)
+    with count.mode:
+        rec = trainer.train_step()
+    assert math.isfinite(rec["loss"]) and count.clone_linears >= 7 * trainer.teacher.config.num_hidden_layers
+    assert count.casts == 0
+    if dtype == "bfloat16":  # control: today's fp32 teacher under bf16 autocast
+        trainer.teacher.float()
+        count = _CastCounter([p for p in trainer.teacher.parameters() if p.dim() == 2])
+        with count.mode:
+            trainer.train_step()
+        assert count.casts >= len(frozen)
