@@ -191,6 +191,11 @@ def prepare(spec: str, tok, output, *, text_field: str = "text", split: str = "t
         _fsync(final.parent)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOTEMPTY, errno.EEXIST) and is_store(final):
+            # another process prepared the same store meanwhile: theirs is as good as ours
+            m = read_manifest(final)
+            if m.get("data", {}).get("key") == key and m.get("tokenizer", {}).get("hash") == ident["hash"]:
+                return m
         if e.errno == errno.ENOSPC:
             where = f" ({e.filename})" if e.filename else ""
             per = 2 if ident["vocab_size"] <= 1 << 16 else 4

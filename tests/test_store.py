@@ -173,6 +173,26 @@ def _damaged(src, dst, how):
     return dst
 
 
+def test_two_prepares_of_one_store_at_once_both_succeed(tok, tmp_path, monkeypatch):
+    """Two runs started together on the same raw data (e.g. two jobs on one cache): the one that
+    finishes second finds the first's store in place and uses it, rather than failing."""
+    path = write_jsonl(tmp_path / "d.jsonl", tiny_docs(20))
+    out = tmp_path / "s"
+    real_write = store._write
+
+    def racing_write(*a, **kw):  # while this prepare writes, another process's completes the store
+        monkeypatch.setattr(store, "_write", real_write)
+        with monkeypatch.context() as other:
+            other.setattr(os, "getpid", lambda: 4_000_000)  # the other process
+            store.prepare(str(path), tok, out)
+        return real_write(*a, **kw)
+
+    monkeypatch.setattr(store, "_write", racing_write)
+    m = store.prepare(str(path), tok, out)
+    assert m == store.read_manifest(out) and store.is_store(out)
+    assert not list(tmp_path.glob("s.tmp-*"))  # the loser's temporary copy is gone
+
+
 def test_bad_stores_and_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
     from lrc_ext.prepare import main as prepare_main
     good = tmp_path / "good"
