@@ -171,6 +171,17 @@ class Parallel:
             self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
+    def average_grads(self, params):
+        """The gradients averaged over ranks in one coalesced all-reduce (DDP with step weights:
+        lrc_ext/step_weights.py). Every rank has the same set of gradients."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world > 1 and grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(r)
+
     def local_rows(self, n: int) -> tuple[int, int]:
         """(offset, count) of this rank's slice of a global micro-batch of n sequences."""
         per = n // self.world

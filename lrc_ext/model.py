@@ -279,7 +279,13 @@ class LowRankClone(nn.Module):
 
     def _run(self, input_ids, attention_mask, labels, with_teacher: bool, return_logits: bool) -> LRCOutput:
         walk = LayerWalk(self, input_ids, attention_mask)
-        x_s = walk.pick(walk.e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
+        e_s = self.__dict__.get("step_emb")  # E_S formed this optimiser step (tied head), if any
+        if e_s is not None:
+            x_s = e_s.index_select(0, walk.pick(input_ids[..., None])[:, 0])
+            dev = x_s.device.type
+            x_s = x_s.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x_s
+        else:
+            x_s = walk.pick(walk.e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
         x_t = walk.e_t
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
@@ -308,10 +314,11 @@ class LowRankClone(nn.Module):
         h_t = (self.teacher.model.norm(walk.pick(x_t).index_select(0, keep)) if x_t is not None
                else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
         w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
+        w_s = self.__dict__.get("step_head")  # W_head_S formed this optimiser step, if any
         dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
-        h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
-        return resolve_op("distill_head", self.fused)(
+        h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p if w_s is None else w_s))
+        return resolve_op("distill_head", self.fused, "" if w_s is None else "_ws")(
             h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
             tau_squared=self.tau_squared)

@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, config, distributed, loggers
 from .config import ConfigError, TrainConfig
+from .step_weights import StepWeights
 
 PROG = "lrc_ext.train"
 
@@ -341,6 +342,9 @@ class Trainer:
         self.accum, self.step_tokens = cfg.accum_steps(), cfg.step_tokens()
         self.offset, self.rows = self.par.local_rows(cfg.micro_batch_size)  # this rank's slice of a micro-batch
         self.progress = Progress()
+        # W_S formed once a step (lrc_ext/step_weights.py); FSDP2 gathers W_T a layer at a time, so
+        # there the ops form W_S per micro-batch (docs/DESIGN.md, "Step weights")
+        self.step_weights = self.par.mode != "fsdp" and hasattr(model, "head_proj")
         self.stop = None          # the StopFlag while fit() runs
         self.halt = None          # the stop reason all ranks agree on
         self.teacher_lm = None    # the teacher's held-out CE, computed at the first evaluation
@@ -390,7 +394,10 @@ class Trainer:
     # ---- one optimiser step ----------------------------------------------------------------------
     def forward_backward_step(self, x: torch.Tensor, micro: int) -> dict:
         """Forward + backward of one micro-batch (gradients scaled by 1/accum); its loss terms."""
-        with self.par.accumulate(last=micro == self.accum - 1):  # gradients sync on the last micro-batch only
+        # gradients sync on the last micro-batch only; with step weights under DDP the trainer
+        # all-reduces them itself after the step's grad_P (DDP's reducer never sees that backward)
+        last = micro == self.accum - 1 and not (self.step_weights and self.par.mode == "ddp")
+        with self.par.accumulate(last=last):
             with self.amp:
                 out = self.net(x)
             terms = {"loss": out.loss, "lm": out.lm, "kl": out.kl, **{f"clone_{k}": v for k, v in out.clone.items()}}
@@ -410,10 +417,19 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         per_micro = []
-        for micro in range(self.accum):
-            x = self.data.batch(p.pos + self.offset, self.rows).to(self.device)
-            p.pos += cfg.micro_batch_size
-            per_micro.append(self.forward_backward_step(x, micro))
+        sw = StepWeights(self.model) if self.step_weights else None
+        try:
+            for micro in range(self.accum):
+                x = self.data.batch(p.pos + self.offset, self.rows).to(self.device)
+                p.pos += cfg.micro_batch_size
+                per_micro.append(self.forward_backward_step(x, micro))
+            if sw is not None:
+                sw.backward()  # grad_P from the step's accumulated grad_W_S, once
+                if self.par.mode == "ddp":
+                    self.par.average_grads(self.params)  # the step's one gradient all-reduce
+        finally:
+            if sw is not None:
+                sw.close()
         per_micro = self._agree(per_micro)
         sums: dict = {}
         for vals in per_micro:

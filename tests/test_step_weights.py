@@ -1,0 +1,127 @@
+"""W_S formed once an optimiser step (lrc_ext/step_weights.py) against the per-micro-batch
+path: the same gradients, fp64, at accumulation 1, 2 and 4 (the two paths differ only in
+the order of sums, so 1e-10 relative is what fp64 leaves)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import VOCAB, tiny_teacher
+from lrc_ext.model import LowRankClone
+import importlib
+
+cl = importlib.import_module("lrc_ext.ops.clone_linear")
+dh = importlib.import_module("lrc_ext.ops.distill_head")
+from lrc_ext.step_weights import StepWeights
+
+
+def _model(family, tie, fused):
+    torch.manual_seed(0)
+    teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
+    return LowRankClone(teacher, 40, fused=fused, alpha=0.3)
+
+
+def _batches(accum):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(accum):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+        mask = torch.ones_like(ids)
+        if i % 2:
+            mask[0, :3] = 0  # left padding in every other micro-batch
+        out.append((ids, mask))
+    return out
+
+
+def _grads(model, batches, step_weights: bool):
+    model.zero_grad(set_to_none=True)
+    sw = StepWeights(model) if step_weights else None
+    losses = []
+    for ids, mask in batches:
+        out = model(ids, attention_mask=mask)
+        (out.loss / len(batches)).backward()
+        losses.append(out.loss.detach())
+    if sw is not None:
+        sw.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+@pytest.mark.parametrize("family,tie,fused", [("llama", True, None), ("qwen2", False, None), ("llama", True, False)])
+def test_step_weights_same_gradients(accum, family, tie, fused):
+    model = _model(family, tie, fused)
+    batches = _batches(accum)
+    ref, ref_losses = _grads(model, batches, step_weights=False)
+    got, losses = _grads(model, batches, step_weights=True)
+    assert set(got) == set(ref) and len(ref) == sum(p.requires_grad for p in model.parameters())
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0)
+    # the step is over: the ops form their own W_S again
+    assert all(getattr(m, "step_ws", None) is None for m in model.modules()) and model.step_head is None
+
+
+def test_step_weights_cleared_on_error():
+    model = _model("llama", True, None)
+    sw = StepWeights(model)
+    sw.close()
+    assert model.layers[0].q.step_ws is None and model.step_emb is None
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_clone_linear_ws_matches_reference(side):
+    torch.manual_seed(2)
+    d_t, d_s, out_t, n = 12, 5, 7, 6
+    w = torch.randn(out_t, d_t, dtype=torch.float64)
+    shape = (d_t, d_s) if side == "in" else (out_t, d_s)
+    p = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
+    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    b = torch.randn(out_t, dtype=torch.float64) if side == "in" else None
+    def exact(x_, w_, b_, t_, p_, side_):  # the reference in fp64 throughout (it returns an fp32 MSE)
+        y = torch.nn.functional.linear(x_, w_, b_)
+        d = y - (t_ @ p_ if side_ == "out" else t_)
+        return y, (d * d).mean()
+
+    y_ref, mse_ref = cl.clone_linear_ws_reference(x, w_s, b, tgt, p, side)
+    torch.testing.assert_close(mse_ref.double(), exact(x, w_s, b, tgt, p, side)[1], rtol=1e-6, atol=0)
+    grads = []
+    for f in (cl.clone_linear_ws, exact):
+        y, mse = f(x, w_s, b, tgt, p, side)
+        (y.square().sum() + 3 * mse).backward()
+        grads.append([t.grad.clone() for t in (x, w_s, p)] if side == "out" else [t.grad.clone() for t in (x, w_s)])
+        for t in (x, w_s, p):
+            t.grad = None
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda x_, w_: cl.clone_linear_ws(x_, w_, b, tgt, p.detach(), side)[1], (x, w_s))
+
+
+def test_clone_linear_ws_bad_input():
+    x, w = torch.randn(3, 4), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="last dimension 6"):
+        cl.clone_linear_ws(x, w)
+    with pytest.raises(ValueError, match="proj"):
+        cl.clone_linear_ws(torch.randn(3, 6), w, target=torch.randn(3, 8), side="out")
+
+
+@pytest.mark.parametrize("up", [(1.0, 1.0), (0.7, 1.9)])
+def test_distill_head_ws_matches_reference(up):
+    torch.manual_seed(3)
+    n, d_t, d_s, v = 9, 8, 4, 30
+    h_s = torch.randn(n, d_s, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(n, d_t, dtype=torch.float64), torch.randn(v, d_t, dtype=torch.float64)
+    w_s = torch.randn(v, d_s, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    labels[2] = -100
+    res = []
+    for f in (dh.distill_head_ws, dh.distill_head_ws_reference):
+        lm, kl = f(h_s, h_t, w_t, w_s, labels, tau=2.0, batch_size=3)
+        (up[0] * lm + up[1] * kl).backward()
+        res.append((lm.detach(), kl.detach(), h_s.grad.clone(), w_s.grad.clone()))
+        h_s.grad = w_s.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="w_head_s"):
+        dh.distill_head_ws(h_s, h_t, w_t, w_s[:, :3], labels)
