@@ -187,15 +187,16 @@ class Parallel:
         per = n // self.world
         return self.rank * per, per
 
-    def clip_grad_norm_(self, params, max_norm: float) -> float:
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Clip in place; the total norm as a 0-dim tensor on the device (no host sync)."""
         if self.mode != "fsdp":
-            return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if hasattr(total, "full_tensor"):  # DTensor: sum the shards' squares over ranks
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total.item()
+        return total
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of `t` over ranks (a CPU tensor in and out)."""

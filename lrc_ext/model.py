@@ -177,6 +177,7 @@ class LowRankClone(nn.Module):
         self.clone_kinds = tuple(k for k in KINDS if use_clone and k in clone_kinds)
         self.kl_reduction, self.attn_clone_space = kl_reduction, attn_clone_space
         self.tokenizer = tokenizer
+        self.check_values = False  # True: check id / mask / label values of accelerator inputs too (host syncs)
 
         emb, head = teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight
         teacher_tied = emb is head
@@ -253,8 +254,12 @@ class LowRankClone(nn.Module):
                                  f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
             return t.to(dev)
 
+        # The value checks read the tensors on the host: done for CPU inputs (no device sync),
+        # for accelerator inputs only with check_values=True; the trainer's data is checked once
+        # where it is read (lrc_ext/data.py check_token_ids).
+        values = self.check_values or not input_ids.is_cuda
         input_ids = as_ids("input_ids", input_ids)
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(input_ids.min()), int(input_ids.max())) if values else (0, 0)
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids: ids must be in [0, {vocab}) (the teacher's vocabulary), "
                              f"got min {lo}, max {hi}")
@@ -263,9 +268,9 @@ class LowRankClone(nn.Module):
                 raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got "
                                  f"{tuple(getattr(attention_mask, 'shape', ()))}")
             attention_mask = attention_mask.to(dev)
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if values and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask: values must be 0 (padding) or 1")
-            if not bool(attention_mask.any()):
+            if values and not bool(attention_mask.any()):
                 raise ValueError("attention_mask: every token is padding")
             attention_mask = attention_mask.long()
         if labels is not None:
@@ -273,7 +278,7 @@ class LowRankClone(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids (shifted "
                                  f"inside), got {tuple(labels.shape)}")
-            if not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
+            if values and not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
                 raise ValueError(f"labels: values must be in [0, {vocab}) or -100 (ignored)")
         return input_ids, attention_mask, labels
 
