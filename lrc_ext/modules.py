@@ -2,11 +2,13 @@
 "The method"), and the one switch that picks fused or reference ops."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 from torch import nn
 
+from . import _ext
 from .ops.clone_linear import side_is_out
 
 
@@ -24,7 +26,25 @@ def resolve_op(name: str, fused: bool | None, variant: str = ""):
     ref = getattr(mod, f"{name}{variant}_reference")
     if fused is False:
         return ref
-    return getattr(mod, name + variant, None) or ref
+    op = getattr(mod, name + variant, None) or ref
+    if op is not ref and _cuda_fallback():
+        return functools.partial(_by_device, op, ref)  # kernels unusable on this GPU: reference there
+    return op
+
+
+def _cuda_fallback() -> bool:
+    """A GPU torch can use on which our kernels cannot run (checked once: lrc_ext/_ext.py)."""
+    if _FALLBACK[0] is None:
+        _FALLBACK[0] = torch.cuda.is_available() and not _ext.cuda_kernels_ok()[0]
+    return _FALLBACK[0]
+
+
+_FALLBACK: list = [None]
+
+
+def _by_device(fused, ref, x, *args, **kw):
+    """The fused op on CPU tensors, the reference on CUDA ones (cuda_kernels_ok said no)."""
+    return (ref if x.is_cuda else fused)(x, *args, **kw)
 
 
 _MODULES: dict = {}
