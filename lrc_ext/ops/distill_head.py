@@ -173,9 +173,9 @@ def plan_chunk(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, 
     if device.type == "cuda":
         env = os.environ.get("LRC_DISTILL_HEAD_CHUNK_MB")
         budget = int(float(env) * (1 << 20)) if env else CUDA_CHUNK_BYTES
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = min(budget, free // 4)
+        # what torch's allocator has not handed out, from its host-side counters (no device call)
+        free = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+        budget = min(budget, max(free, 0) // 4)
     else:
         budget = CPU_CHUNK_BYTES
     max_rows = max(1, budget // per_row)
@@ -443,6 +443,13 @@ def _(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reductio
             p_head.new_empty(tuple(p_head.shape) if need_grad_p else (0,), dtype=acc))
 
 
+def _same_upstream(a: Tensor, b: Tensor) -> bool:
+    """The two upstream gradients are one tensor (``loss = lm + kl + ...`` hands the same one to
+    both): equal without reading them, so no host sync; otherwise torch.equal decides."""
+    return a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                      and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+
+
 @torch.library.custom_op("lrc_ext::distill_head_backward", mutates_args=())
 def _distill_head_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_p: Tensor, h_s: Tensor, w_head_t: Tensor,
                            p_head: Tensor, labels: Tensor, lm_weight: float, chunk_size: int, need_grad_h: bool,
@@ -452,7 +459,7 @@ def _distill_head_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_p: T
     gradient of lm alone is recomputed (no teacher needed) and the two are combined."""
     a = grad_lm.to(g_h.dtype)
     b = grad_kl.to(g_h.dtype)
-    if torch.equal(a, b):
+    if _same_upstream(grad_lm, grad_kl) or torch.equal(a, b):
         gh, gp = a * g_h, a * g_p
     else:
         _, _, lh, lp = _compute(h_s, None, w_head_t, p_head, labels, 1.0, lm_weight, 0.0, "token", None, False,
@@ -581,6 +588,9 @@ def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
     else:  # exact for any upstream pair: g_kl * grad(lm + kl) + (g_lm - g_kl) * grad(lm)
         h_s, w_head_t, w_head_s, labels = ctx.saved_tensors[2:]
         a, b = grad_lm.to(g_h.dtype), grad_kl.to(g_h.dtype)
+        if _same_upstream(grad_lm, grad_kl) or torch.equal(a, b):
+            return (((a * g_h).to(ctx.h_dtype) if ctx.need_h else None), None, None,
+                    ((a * g_w).to(ctx.w_dtype) if ctx.need_w else None)) + (None,) * 10
         _, _, lh, lw = _compute(h_s, None, w_head_t, w_head_s, labels, 1.0, ctx.lm_weight, 0.0, "token", None, False,
                                 ctx.chunk_size, ctx.need_h, ctx.need_w, record=False, w_s=w_head_s)
         gh, gw = b * g_h + (a - b) * lh, b * g_w + (a - b) * lw
