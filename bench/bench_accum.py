@@ -1,6 +1,10 @@
-"""Step weights side by side: tokens/s of the trainer's optimiser step with W_S formed once a
-step (lrc_ext/step_weights.py) against once a micro-batch (the ops forming their own), steps
-of the two interleaved A B A B on one model, so the ratio survives a machine whose speed drifts.
+"""Two ways of running the trainer's optimiser step side by side, steps of the two interleaved
+A B A B on one model, so the ratio survives a machine whose speed drifts:
+
+  --compare steps (default): W_S formed once a step (lrc_ext/step_weights.py) against once a
+                             micro-batch (the ops forming their own), both in --dtype;
+  --compare dtype:           bf16 autocast (fp32 master weights) against fp32, both with step
+                             weights (what --dtype auto picks on a CPU with native bf16).
 
     python bench/bench_accum.py [--teacher PATH] [--micro-batch 4] [--seq 128]
                                 [--tokens-per-step 2048] [--steps 4] [--dtype float32|bfloat16]
@@ -39,6 +43,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens-per-step", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per path (after one warm-up each)")
     ap.add_argument("--d-s", type=int, default=288)
+    ap.add_argument("--compare", choices=("steps", "dtype"), default="steps")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="bfloat16: autocast over fp32 master weights, as the trainer does")
     args = ap.parse_args(argv)
@@ -49,25 +54,34 @@ def main(argv=None) -> int:
     cfg = config.TrainConfig(micro_batch_size=args.micro_batch, seq_len=args.seq,
                              tokens_per_step=args.tokens_per_step, max_steps=10 ** 6, warmup=0)
     rows = torch.randint(0, vocab, (64, args.seq))
-    amp = (torch.autocast("cpu", dtype=torch.bfloat16) if args.dtype == "bfloat16" else contextlib.nullcontext())
-    tr = Trainer(cfg, model, _Rows(rows), device=torch.device("cpu"), amp=amp)
+    def amp(dt):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if dt == "bfloat16" else contextlib.nullcontext()
+    tr = Trainer(cfg, model, _Rows(rows), device=torch.device("cpu"), amp=amp(args.dtype))
+    if args.compare == "steps":
+        names = {True: "W_S per step", False: "W_S per micro-batch"}
+    else:
+        names = {True: "bf16 autocast", False: "fp32"}
     times = {True: [], False: []}
     for i in range(args.steps + 1):
         for sw in (True, False):
-            tr.step_weights = sw
+            if args.compare == "steps":
+                tr.step_weights = sw
+            else:
+                tr.amp = amp("bfloat16" if sw else "float32")
             t0 = time.perf_counter()
             tr.train_step()
             if i:  # the first round warms up
                 times[sw].append(time.perf_counter() - t0)
     tok = cfg.step_tokens()
     ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
-    print(f"teacher {src}, d_S {args.d_s}, {args.dtype}, {cfg.accum_steps()} x {args.micro_batch} x {args.seq} "
+    print(f"teacher {src}, d_S {args.d_s}, {args.dtype if args.compare == 'steps' else 'step weights'}, "
+          f"{cfg.accum_steps()} x {args.micro_batch} x {args.seq} "
           f"tokens a step, {torch.get_num_threads()} threads, {args.steps} interleaved steps per path")
-    for sw, name in ((False, "W_S per micro-batch"), (True, "W_S per step")):
-        ts = times[sw]
+    for sw in (False, True):
+        ts, name = times[sw], names[sw]
         print(f"  {name:20} {tok / statistics.median(ts):8.1f} tokens/s (median; min {tok / max(ts):.1f}, "
               f"max {tok / min(ts):.1f})")
-    print(f"  speed-up (per-step / per-micro-batch, median of pairs): {ratio:.3f}x")
+    print(f"  speed-up ({names[True]} / {names[False]}, median of pairs): {ratio:.3f}x")
     return 0
 
 

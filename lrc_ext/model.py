@@ -314,7 +314,10 @@ class LowRankClone(nn.Module):
     def _head_losses(self, walk: LayerWalk, input_ids, labels, attention_mask, x_s, x_t):
         """(lm, kl) from the final hidden states; x_t None: CE only, no teacher."""
         nxt = walk.pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
-        keep = (nxt != -100).nonzero().squeeze(1)
+        if labels is None and walk.rows is None:  # every position but the last: known from the shape, no sync
+            keep = torch.arange(walk.B * walk.S, device=nxt.device).view(walk.B, walk.S)[:, :-1].reshape(-1)
+        else:
+            keep = (nxt != -100).nonzero().squeeze(1)
         h_s = self.norm(x_s.index_select(0, keep))
         h_t = (self.teacher.model.norm(walk.pick(x_t).index_select(0, keep)) if x_t is not None
                else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
@@ -323,8 +326,11 @@ class LowRankClone(nn.Module):
         dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
         h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p if w_s is None else w_s))
-        return resolve_op("distill_head", self.fused, "" if w_s is None else "_ws")(
-            h_s, h_t, w_t, p, nxt.index_select(0, keep), tau=self.tau, lm_weight=float(self.use_lm),
+        # with W_S given: every kept label counts (n_valid known on the host: no count, no sync)
+        extra = {} if w_s is None else {"n_valid": keep.numel()}
+        op = resolve_op("distill_head", self.fused) if w_s is None else resolve_op("distill_head", self.fused, "_ws")
+        return op(
+            h_s, h_t, w_t, p, nxt.index_select(0, keep), **extra, tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
             tau_squared=self.tau_squared)
 

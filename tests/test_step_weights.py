@@ -125,3 +125,19 @@ def test_distill_head_ws_matches_reference(up):
         torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
     with pytest.raises(ValueError, match="w_head_s"):
         dh.distill_head_ws(h_s, h_t, w_t, w_s[:, :3], labels)
+
+
+def test_distill_head_ws_known_count_is_the_count():
+    torch.manual_seed(4)
+    h_s = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(7, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    w_s = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,))
+    res = []
+    for n_valid in (None, 7):
+        lm, kl = dh.distill_head_ws(h_s, h_t, w_t, w_s, labels, tau=3.0, n_valid=n_valid)
+        (lm + 2 * kl).backward()
+        res.append((lm.detach(), kl.detach(), h_s.grad.clone(), w_s.grad.clone()))
+        h_s.grad = w_s.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)

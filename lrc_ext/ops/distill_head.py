@@ -280,15 +280,18 @@ def _launch_rows(zs: Tensor, zt: Tensor | None, labels: Tensor, inv_tau: float, 
 
 def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, labels: Tensor, tau: float,
              lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None, tau_squared: bool,
-             chunk_size: int, need_h: bool, need_p: bool, record: bool = True, w_s: Tensor | None = None):
+             chunk_size: int, need_h: bool, need_p: bool, record: bool = True, w_s: Tensor | None = None,
+             n_valid: int = -1):
     """(lm, kl, grad_h_s, grad_p_head) with the gradients of lm + kl (fp32; fp64 for fp64).
     w_s given (W_head_S formed by the caller; p_head is then that w_s): grad W_head_S in place
-    of grad P_head, by the "student" GEMMs."""
+    of grad P_head, by the "student" GEMMs. n_valid >= 0: the caller's count of non-ignored
+    labels, all of them in range (no check, no host sync)."""
     acc = _ext.acc_dtype(h_s.dtype)
     n, d_s = h_s.shape
     vocab, d_t = w_head_t.shape
     dev = h_s.device
-    n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
+    if n_valid < 0:
+        n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
     do_ce, do_kl = lm_weight != 0.0, kl_weight != 0.0 and h_t is not None
     need_grad = need_h or need_p
     zero = torch.zeros((), dtype=acc, device=dev)
@@ -535,20 +538,21 @@ def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, lab
 # it instead of P_head and returns grad W_head_S (the "student" GEMMs: g.T @ h_s accumulated in
 # fp32); the caller forms grad P_head = W_head_T.T @ grad W_head_S once, at the step's end.
 
-def distill_head_ws_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, **kw):
-    """Plain PyTorch, W_head_S given: :func:`distill_head_reference` on it."""
+def distill_head_ws_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor,
+                              n_valid: int | None = None, **kw):
+    """Plain PyTorch, W_head_S given: :func:`distill_head_reference` on it (n_valid unused)."""
     return distill_head_reference(h_s, h_t, w_head_t, None, labels, w_head_s=w_head_s, **kw)
 
 
 @torch.library.custom_op("lrc_ext::distill_head_ws", mutates_args=())
 def _distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, tau: float,
                      lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None,
-                     tau_squared: bool, chunk_size: int, need_grad_h: bool, need_grad_w: bool
+                     tau_squared: bool, chunk_size: int, need_grad_h: bool, need_grad_w: bool, n_valid: int
                      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(lm, kl, grad_h, grad_w_head_s) of lm + kl, as lrc_ext::distill_head with W_head_S given."""
     _check_ws(h_s, h_t, w_head_t, w_head_s, labels)
     return _compute(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size,
-                    tau_squared, chunk_size, need_grad_h, need_grad_w, w_s=w_head_s)
+                    tau_squared, chunk_size, need_grad_h, need_grad_w, w_s=w_head_s, n_valid=n_valid)
 
 
 def _check_ws(h_s, h_t, w_head_t, w_head_s, labels):
@@ -563,7 +567,7 @@ def _check_ws(h_s, h_t, w_head_t, w_head_s, labels):
 
 @_distill_head_ws.register_fake
 def _(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
-      chunk_size, need_grad_h, need_grad_w):
+      chunk_size, need_grad_h, need_grad_w, n_valid):
     acc = _ext.acc_dtype(h_s.dtype)
     return (h_s.new_empty((), dtype=acc), h_s.new_empty((), dtype=acc),
             h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,), dtype=acc),
@@ -572,8 +576,9 @@ def _(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduct
 
 def _setup_ws(ctx, inputs, output):
     (h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
-     chunk_size, need_h, need_w) = inputs
+     chunk_size, need_h, need_w, n_valid) = inputs
     _, _, g_h, g_w = output
+    ctx.n_valid = n_valid
     ctx.both, ctx.lm_only = lm_weight != 0.0 and kl_weight != 0.0, kl_weight == 0.0
     ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w = lm_weight, chunk_size, need_h, need_w
     ctx.h_dtype, ctx.w_dtype = h_s.dtype, w_head_s.dtype
@@ -590,12 +595,13 @@ def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
         a, b = grad_lm.to(g_h.dtype), grad_kl.to(g_h.dtype)
         if _same_upstream(grad_lm, grad_kl) or torch.equal(a, b):
             return (((a * g_h).to(ctx.h_dtype) if ctx.need_h else None), None, None,
-                    ((a * g_w).to(ctx.w_dtype) if ctx.need_w else None)) + (None,) * 10
+                    ((a * g_w).to(ctx.w_dtype) if ctx.need_w else None)) + (None,) * 11
         _, _, lh, lw = _compute(h_s, None, w_head_t, w_head_s, labels, 1.0, ctx.lm_weight, 0.0, "token", None, False,
-                                ctx.chunk_size, ctx.need_h, ctx.need_w, record=False, w_s=w_head_s)
+                                ctx.chunk_size, ctx.need_h, ctx.need_w, record=False, w_s=w_head_s,
+                                n_valid=ctx.n_valid)
         gh, gw = b * g_h + (a - b) * lh, b * g_w + (a - b) * lw
     return (gh.to(ctx.h_dtype) if ctx.need_h else None, None, None, gw.to(ctx.w_dtype) if ctx.need_w else None,
-            None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None)
 
 
 _distill_head_ws.register_autograd(_backward_ws, setup_context=_setup_ws)
@@ -604,9 +610,10 @@ _distill_head_ws.register_autograd(_backward_ws, setup_context=_setup_ws)
 def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, *,
                     tau: float = 40.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
                     kl_reduction: str = "batchmean", batch_size: int | None = None, tau_squared: bool = False,
-                    chunk_size: int | None = None):
+                    chunk_size: int | None = None, n_valid: int | None = None):
     """:func:`distill_head` with W_head_S (V, d_S) given instead of P_head: differentiable
-    w.r.t. h_s and w_head_s."""
+    w.r.t. h_s and w_head_s. ``n_valid``: the number of labels that are not -100, when the
+    caller knows it and has checked their range (then no count and no host sync)."""
     _ext.check_tensors(_OP, h_s=h_s, h_t=h_t, w_head_t=w_head_t, w_head_s=w_head_s, labels=labels)
     check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
                   batch_size=batch_size, chunk_size=chunk_size)
@@ -614,5 +621,6 @@ def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor
     lm, kl, _, _ = torch.ops.lrc_ext.distill_head_ws(h_s, h_t, w_head_t, w_head_s, labels, float(tau),
                                                      float(lm_weight), float(kl_weight), kl_reduction, batch_size,
                                                      bool(tau_squared), int(chunk_size or 0),
-                                                     grad_on and h_s.requires_grad, grad_on and w_head_s.requires_grad)
+                                                     grad_on and h_s.requires_grad, grad_on and w_head_s.requires_grad,
+                                                     -1 if n_valid is None else int(n_valid))
     return lm, kl
