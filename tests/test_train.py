@@ -96,6 +96,8 @@ def tiny_args(tiny, out, **over):
          "--micro-batch-size": 2, "--tokens-per-step": 128, "--max-steps": 8, "--eval-every": 4,
          "--save-every": 3, "--keep-checkpoints": 2, "--eval-tokens": 64, "--gen-tokens": 4,
          "--prompt": "the python", "--output-dir": out}
+    # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
+    a.setdefault("--dtype", "float32")
     a.update(over)
     return [x for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 
