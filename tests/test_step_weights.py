@@ -141,3 +141,17 @@ def test_distill_head_ws_known_count_is_the_count():
         h_s.grad = w_s.grad = None
     for a, r in zip(*res):
         torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_ws_ops_opcheck(side):
+    torch.manual_seed(5)
+    x, w_s = torch.randn(6, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    tgt = torch.randn(6, 7 if side == "out" else 4)
+    p = torch.randn(7, 4, requires_grad=True) if side == "out" else None
+    torch.library.opcheck(torch.ops.lrc_ext.clone_linear_ws.default, (x, w_s, None, tgt, p, side == "out", side == "out"))
+    h_s, h_t, w_t = torch.randn(5, 3, requires_grad=True), torch.randn(5, 4), torch.randn(9, 4)
+    w_h = torch.randn(9, 3, requires_grad=True)
+    labels = torch.randint(0, 9, (5,))
+    torch.library.opcheck(torch.ops.lrc_ext.distill_head_ws.default,
+                          (h_s, h_t, w_t, w_h, labels, 2.0, 1.0, 1.0, "batchmean", None, False, 0, True, True, -1))

@@ -448,30 +448,53 @@ def _setup_ws(ctx, inputs, output):
 
 def _backward_ws(ctx, grad_y, grad_mse, _g_d, _g_gt):
     x, w_s, proj, d, g_t = ctx.saved_tensors
-    need_x, need_w, need_b, need_t, need_p = ctx.needs_input_grad[:5]
+    needs = list(ctx.needs_input_grad[:5])  # x, w_s, bias, target, proj
     if not ctx.has_target:
-        grad_mse, need_t, need_p = None, False, False
+        grad_mse, needs[3], needs[4] = None, False, False
+    if ctx.side_out and needs[4] and grad_mse is not None and g_t.numel() == 0:
+        raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
+                           f"call lrc_ext.ops.clone_linear_ws(), which sets it")
+    grads = torch.ops.lrc_ext.clone_linear_ws_backward(grad_y, grad_mse, x, w_s, proj, d, g_t, ctx.side_out, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+
+
+@torch.library.custom_op("lrc_ext::clone_linear_ws_backward", mutates_args=())
+def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tensor], x: Tensor, w_s: Tensor,
+                                 proj: Optional[Tensor], d: Tensor, g_t: Tensor, side_out: bool,
+                                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, w_s, bias, target, proj); empty tensors for those not in needs."""
+    need_x, need_w, need_b, need_t, need_p = needs
     use_mse = grad_mse is not None and d.numel() > 0
     n, out_s = x.shape[0], w_s.shape[0]
     k = 2.0 / (n * out_s) if n * out_s else 0.0
+    empty = x.new_empty(0)
     with _no_autocast(x):
         if grad_y is not None and not _rows_ok(grad_y):
             grad_y = grad_y.contiguous()
         g = _merge(grad_y, d, grad_mse, k) if use_mse else (grad_y if grad_y is not None else x.new_zeros(n, out_s))
-        gx = torch.mm(g, w_s) if need_x else None
-        gw = torch.mm(g.t(), x) if need_w else None
-        gb = g.sum(0) if need_b else None
-        gt = gp = None
-        if use_mse:
-            s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k)
-            if need_t:
-                gt = ((torch.mm(d, proj.t()) if ctx.side_out else d) * s).to(d.dtype)
-            if need_p and ctx.side_out:
-                if g_t.numel() == 0:
-                    raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with "
-                                       f"target_proj_grad=False; call lrc_ext.ops.clone_linear_ws(), which sets it")
-                gp = (g_t * s).to(proj.dtype)
-    return gx, gw, gb, gt, gp, None, None
+        gx = torch.mm(g, w_s) if need_x else empty
+        gw = torch.mm(g.t(), x) if need_w else empty.clone()
+        gb = g.sum(0) if need_b else empty.clone()
+        gt, gp = empty.clone(), empty.clone()
+        s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k) if use_mse else None
+        if need_t:
+            gt = (((torch.mm(d, proj.t()) if side_out else d) * s).to(d.dtype) if use_mse
+                  else x.new_zeros((n, proj.shape[0] if side_out else out_s)))
+        if need_p:
+            gp = (g_t * s).to(proj.dtype) if (use_mse and side_out) else torch.zeros_like(proj)
+    return gx, gw, gb, gt, gp
+
+
+@_clone_linear_ws_backward_op.register_fake
+def _(grad_y, grad_mse, x, w_s, proj, d, g_t, side_out, needs):
+    need_x, need_w, need_b, need_t, need_p = needs
+    n, out_s = x.shape[0], w_s.shape[0]
+
+    def maybe(need, shape):
+        return x.new_empty(shape) if need else x.new_empty(0)
+    return (maybe(need_x, tuple(x.shape)), maybe(need_w, tuple(w_s.shape)), maybe(need_b, (out_s,)),
+            maybe(need_t, (n, proj.shape[0] if side_out else out_s)),
+            maybe(need_p, tuple(proj.shape) if proj is not None else (0,)))
 
 
 _clone_linear_ws_op.register_autograd(_backward_ws, setup_context=_setup_ws)

@@ -449,8 +449,13 @@ def _(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reductio
 def _same_upstream(a: Tensor, b: Tensor) -> bool:
     """The two upstream gradients are one tensor (``loss = lm + kl + ...`` hands the same one to
     both): equal without reading them, so no host sync; otherwise torch.equal decides."""
-    return a is b or (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
-                      and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+    if a is b:
+        return True
+    try:
+        return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+    except RuntimeError:  # fake tensors (tracing) have no storage: let the op decide
+        return False
 
 
 @torch.library.custom_op("lrc_ext::distill_head_backward", mutates_args=())
@@ -589,19 +594,41 @@ def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
     g_h, g_w = ctx.saved_tensors[:2]
     if not ctx.both:
         up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
-        gh, gw = up * g_h, up * g_w
-    else:  # exact for any upstream pair: g_kl * grad(lm + kl) + (g_lm - g_kl) * grad(lm)
+        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+    elif _same_upstream(grad_lm, grad_kl):  # the usual loss = lm + kl + ...: a scaling, no host sync
+        up = grad_lm.to(g_h.dtype)
+        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+    else:
         h_s, w_head_t, w_head_s, labels = ctx.saved_tensors[2:]
-        a, b = grad_lm.to(g_h.dtype), grad_kl.to(g_h.dtype)
-        if _same_upstream(grad_lm, grad_kl) or torch.equal(a, b):
-            return (((a * g_h).to(ctx.h_dtype) if ctx.need_h else None), None, None,
-                    ((a * g_w).to(ctx.w_dtype) if ctx.need_w else None)) + (None,) * 11
-        _, _, lh, lw = _compute(h_s, None, w_head_t, w_head_s, labels, 1.0, ctx.lm_weight, 0.0, "token", None, False,
-                                ctx.chunk_size, ctx.need_h, ctx.need_w, record=False, w_s=w_head_s,
-                                n_valid=ctx.n_valid)
-        gh, gw = b * g_h + (a - b) * lh, b * g_w + (a - b) * lw
-    return (gh.to(ctx.h_dtype) if ctx.need_h else None, None, None, gw.to(ctx.w_dtype) if ctx.need_w else None,
+        gh, gw = torch.ops.lrc_ext.distill_head_ws_backward(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels,
+                                                            ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w,
+                                                            ctx.n_valid)
+    return (gh if ctx.need_h else None, None, None, gw if ctx.need_w else None,
             None, None, None, None, None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op("lrc_ext::distill_head_ws_backward", mutates_args=())
+def _distill_head_ws_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_w: Tensor, h_s: Tensor,
+                              w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, lm_weight: float, chunk_size: int,
+                              need_grad_h: bool, need_grad_w: bool, n_valid: int) -> tuple[Tensor, Tensor]:
+    """As lrc_ext::distill_head_backward, W_head_S given: exact for any upstream pair,
+    g_kl * grad(lm + kl) + (g_lm - g_kl) * grad(lm)."""
+    a, b = grad_lm.to(g_h.dtype), grad_kl.to(g_h.dtype)
+    if torch.equal(a, b):
+        gh, gw = a * g_h, a * g_w
+    else:
+        _, _, lh, lw = _compute(h_s, None, w_head_t, w_head_s, labels, 1.0, lm_weight, 0.0, "token", None, False,
+                                chunk_size, need_grad_h, need_grad_w, record=False, w_s=w_head_s, n_valid=n_valid)
+        gh, gw = b * g_h + (a - b) * lh, b * g_w + (a - b) * lw
+    return (gh.to(h_s.dtype) if need_grad_h else h_s.new_empty(0),
+            gw.to(w_head_s.dtype) if need_grad_w else w_head_s.new_empty(0))
+
+
+@_distill_head_ws_backward.register_fake
+def _(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels, lm_weight, chunk_size, need_grad_h, need_grad_w,
+      n_valid):
+    return (h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,)),
+            w_head_s.new_empty(tuple(w_head_s.shape) if need_grad_w else (0,)))
 
 
 _distill_head_ws.register_autograd(_backward_ws, setup_context=_setup_ws)
