@@ -221,7 +221,8 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
         mse = _epilogue(y, t, d)
-        g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else empty.clone()
+        # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
+        g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
     return y, mse, w_s, d, g_t
 
 
@@ -233,7 +234,8 @@ def _(x, weight, proj, bias, target, side_out, target_proj_grad):
     w_s = x.new_empty((out_s, in_s))
     mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty((x.shape[0], out_s)) if target is not None else x.new_empty(0)
-    g_t = x.new_empty(tuple(proj.shape)) if (target is not None and side_out and target_proj_grad) else x.new_empty(0)
+    g_t = (x.new_empty(tuple(proj.shape), dtype=_ext.acc_dtype(x.dtype))
+           if (target is not None and side_out and target_proj_grad) else x.new_empty(0))
     return y, mse, w_s, d, g_t
 
 
@@ -425,7 +427,8 @@ def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: 
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
         mse = _epilogue(y, t, d)
-        g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else empty.clone()
+        # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
+        g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
     return y, mse, d, g_t
 
 
@@ -434,7 +437,8 @@ def _(x, w_s, bias, target, proj, side_out, target_proj_grad):
     y = x.new_empty((x.shape[0], w_s.shape[0]))
     mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty(tuple(y.shape)) if target is not None else x.new_empty(0)
-    g_t = x.new_empty(tuple(proj.shape)) if (target is not None and side_out and target_proj_grad) else x.new_empty(0)
+    g_t = (x.new_empty(tuple(proj.shape), dtype=_ext.acc_dtype(x.dtype))
+           if (target is not None and side_out and target_proj_grad) else x.new_empty(0))
     return y, mse, d, g_t
 
 
