@@ -61,7 +61,7 @@ def make_inputs(shape, dtype, device, seed=0):
     w = (torch.randn(v, d_t, device=device, generator=g) * (3.0 / math.sqrt(d_t))).to(dtype)
     p = (torch.randn(d_t, d_s, device=device, generator=g) / math.sqrt(d_s)).to(dtype)
     labels = torch.randint(0, v, (n,), device=device, generator=g)
-    labels[:: 97] = -100  # a few ignored tokens, as in padded batches
+    labels[:: 97] = -100  # a few unlabelled tokens (no CE, KL still counted)
     return h_s.requires_grad_(True), h_t, w, p.requires_grad_(True), labels
 
 

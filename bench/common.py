@@ -503,7 +503,7 @@ def metadata(device=None) -> dict:
         from lrc_ext import info as _info
         i = _info.collect()
         m["lrc_ext"] = {k: i.get(k) for k in ("lrc_ext", "extension", "cuda_kernels", "cuda_archs", "cuda_compiler",
-                                              "cxx_compiler", "openmp")}
+                                              "cxx_compiler", "openmp", "cutlass_kernels", "cutlass_path")}
     except Exception as e:  # noqa: BLE001
         m["lrc_ext"] = {"error": f"{type(e).__name__}: {e}"}
     m.update(git_commit())

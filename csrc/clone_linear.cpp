@@ -17,8 +17,10 @@ int64_t rows_per_block(int64_t cols) { return std::max<int64_t>(1, kBlockElems /
 
 // d may alias t (same pointer and row stride): every element of t is read before the
 // same element of d is written, and no other element of t is read afterwards.
+// w (nullable): per-row weights; row r's difference and its sum of squares are scaled by w[r].
 template <typename T>
-double epilogue(const T* y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t ldd, int64_t rows, int64_t cols) {
+double epilogue(const T* y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t ldd, const float* w, int64_t rows,
+                int64_t cols) {
   using Acc = decltype(load(y));  // float, double for double
   const int64_t rpb = rows_per_block(cols);
   const int64_t nblocks = (rows + rpb - 1) / rpb;
@@ -31,6 +33,7 @@ double epilogue(const T* y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t 
       const T* yr = y + r * ldy;
       const T* tr = t + r * ldt;
       T* dr = d + r * ldd;
+      const Acc wr = w ? static_cast<Acc>(w[r]) : Acc(1);  // 1 * v == v: unweighted rows are unchanged
       Acc s[8] = {0, 0, 0, 0, 0, 0, 0, 0};
       int64_t c = 0;
       for (; c + 8 <= cols; c += 8) {
@@ -38,15 +41,16 @@ double epilogue(const T* y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t 
         for (int k = 0; k < 8; ++k) v[k] = load(yr + c + k) - load(tr + c + k);
         for (int k = 0; k < 8; ++k) {
           s[k] += v[k] * v[k];
-          store(dr + c + k, v[k]);
+          store(dr + c + k, wr * v[k]);
         }
       }
       for (; c < cols; ++c) {
         const Acc v = load(yr + c) - load(tr + c);
         s[c & 7] += v * v;
-        store(dr + c, v);
+        store(dr + c, wr * v);
       }
-      acc += ((double(s[0]) + s[1]) + (double(s[2]) + s[3])) + ((double(s[4]) + s[5]) + (double(s[6]) + s[7]));
+      acc += double(wr) *
+             (((double(s[0]) + s[1]) + (double(s[2]) + s[3])) + ((double(s[4]) + s[5]) + (double(s[6]) + s[7])));
     }
     partial[blk] = acc;
   }
@@ -80,15 +84,15 @@ void check_shape(int64_t rows, int64_t cols) {
 }  // namespace
 
 double clone_linear_epilogue_cpu(const void* y, int64_t ldy, const void* t, int64_t ldt, void* d, int64_t ldd,
-                                 int64_t rows, int64_t cols, DType dt, double inv_numel) {
+                                 const float* w, int64_t rows, int64_t cols, DType dt, double inv_numel) {
   check_shape(rows, cols);
   if (rows == 0 || cols == 0) return 0.0 * inv_numel;
   if (!y || !t || !d) fail(kOp, "null data pointer");
   if (rows > 1 && (ldy < cols || ldt < cols || ldd < cols)) fail(kOp, "row stride smaller than the row width");
   return dispatch_dtype(dt, kOp, [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
-    return epilogue<T>(static_cast<const T*>(y), ldy, static_cast<const T*>(t), ldt, static_cast<T*>(d), ldd, rows,
-                       cols) *
+    return epilogue<T>(static_cast<const T*>(y), ldy, static_cast<const T*>(t), ldt, static_cast<T*>(d), ldd, w,
+                       rows, cols) *
            inv_numel;
   });
 }

@@ -28,7 +28,8 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     epilogue_partial_kernel(const T* __restrict__ y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t ldd,
-                            int64_t rows, int64_t cols, int64_t nchunks, int nparts, float* __restrict__ partial) {
+                            const float* __restrict__ w, int64_t rows, int64_t cols, int64_t nchunks, int nparts,
+                            float* __restrict__ partial) {
   const int64_t tiles = rows * nchunks;
   for (int part = blockIdx.x; part < nparts; part += gridDim.x) {
   float acc = 0.f;
@@ -37,6 +38,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* yr = y + r * ldy;
     const T* tr = t + r * ldt;
     T* dr = d + r * ldd;
+    const float wr = w ? w[r] : 1.f;  // wr * v == v for unweighted rows: unchanged numerics
     for (int64_t c = c0 + int64_t(threadIdx.x) * VEC; c < c1; c += int64_t(kThreads) * VEC) {
       if constexpr (VEC > 1) {  // host guarantees cols % VEC == 0 and 16-byte alignment
         const Pack<T, VEC> py = *reinterpret_cast<const Pack<T, VEC>*>(yr + c);
@@ -45,14 +47,16 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int k = 0; k < VEC; ++k) {
           const float v = to_float(py.v[k]) - to_float(pt.v[k]);
-          acc = fmaf(v, v, acc);
-          pd.v[k] = from_float<T>(v);
+          const float wv = wr * v;
+          acc = fmaf(wv, v, acc);
+          pd.v[k] = from_float<T>(wv);
         }
         *reinterpret_cast<Pack<T, VEC>*>(dr + c) = pd;
       } else {
         const float v = to_float(yr[c]) - to_float(tr[c]);
-        acc = fmaf(v, v, acc);
-        dr[c] = from_float<T>(v);
+        const float wv = wr * v;
+        acc = fmaf(wv, v, acc);
+        dr[c] = from_float<T>(wv);
       }
     }
   }
@@ -115,8 +119,8 @@ int64_t clone_linear_epilogue_cuda_workspace(int64_t rows, int64_t cols) {
 }
 
 void clone_linear_epilogue_cuda(const void* y, int64_t ldy, const void* t, int64_t ldt, void* d, int64_t ldd,
-                                int64_t rows, int64_t cols, DType dt, float inv_numel, float* mse, float* workspace,
-                                void* stream) {
+                                const float* w, int64_t rows, int64_t cols, DType dt, float inv_numel, float* mse,
+                                float* workspace, void* stream) {
   if (rows < 0 || cols < 0) fail(kOp, "negative shape");
   if (rows > 1 && (ldy < cols || ldt < cols || ldd < cols)) fail(kOp, "row stride smaller than the row width");
   cudaStream_t s = static_cast<cudaStream_t>(stream);
@@ -139,9 +143,9 @@ void clone_linear_epilogue_cuda(const void* y, int64_t ldy, const void* t, int64
     T* td = static_cast<T*>(d);
     if (vec)
       epilogue_partial_kernel<T, VEC>
-          <<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, rows, cols, nchunks, nparts, workspace);
+          <<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, w, rows, cols, nchunks, nparts, workspace);
     else
-      epilogue_partial_kernel<T, 1><<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, rows, cols, nchunks,
+      epilogue_partial_kernel<T, 1><<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, w, rows, cols, nchunks,
                                                                  nparts, workspace);
   });
   cuda_check(cudaGetLastError(), kOp, "epilogue_partial_kernel launch");

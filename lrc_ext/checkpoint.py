@@ -51,7 +51,8 @@ def latest(root: Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _fsync(path: Path):
+def fsync(path: Path):
+    """fsync a file or a directory (so a rename into it is durable)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -129,10 +130,10 @@ def save(root: Path, step: int, params: dict, opt_tensors: dict, state: dict, ke
     save_file({k: v.contiguous() for k, v in rng_state().items()}, tmp / "rng.safetensors")
     (tmp / "state.json").write_text(json.dumps({"format": FORMAT, **state}, indent=1) + "\n")
     for f in tmp.iterdir():
-        _fsync(f)
-    _fsync(tmp)
+        fsync(f)
+    fsync(tmp)
     os.rename(tmp, final)
-    _fsync(root)
+    fsync(root)
     for old in list_checkpoints(root)[:-keep]:
         trash = root / f".trash-{old.name}-{os.getpid()}"
         os.rename(old, trash)

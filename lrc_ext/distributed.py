@@ -47,6 +47,18 @@ test_distributed.py checks that during layer i's forward and backward no other l
 gathered. A teacher-only forward (the teacher's held-out CE) uses ``teacher_alone``: each
 decoder layer is freed right after its own forward.
 
+Loading the teacher under FSDP2 (``--init normal``, or any resumed run): no rank ever holds
+the whole teacher. Each rank builds it on the meta device (parameters only: RoPE's buffers are
+computed for real), ``wrap`` shards it as above, and ``load_teacher`` then allocates each
+rank's local shards and reads just their rows (FSDP2's Shard(0): ceil(rows / world) a rank)
+of every tensor from the safetensors files (``safe_open(...).get_slice``, memory-mapped), in
+the teacher's storage dtype. Host memory per rank for the teacher: its shard, ~teacher /
+world, plus at most one tensor's rows in flight; the trainer reports each rank's peak RSS
+growth up to the wrapping and its peak RSS up to the end of training. A hub id (no local
+safetensors) and a ``--init pca`` start (it calibrates on the whole teacher) load it whole
+before wrapping, as DDP does. After training rank 0 reloads the teacher whole for the
+export.
+
 Checkpoints stay in the trainer's safetensors format: trainable parameters and AdamW state are
 gathered to full tensors (``DTensor.full_tensor``) and written by rank 0, and on load each
 rank takes its shard (``distribute_tensor``), so a run saved on N ranks resumes on M ranks,
@@ -235,6 +247,12 @@ class Parallel:
             return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         return full
 
+    def load_teacher(self, teacher: nn.Module, src: str, device: torch.device):
+        """Fill a meta-device teacher after ``wrap``: each rank reads its own rows of every
+        teacher tensor from the safetensors files (lrc_ext/teacher.py, ``load_shards``)."""
+        from .teacher import load_shards
+        load_shards(teacher, src, device)
+
     @contextlib.contextmanager
     def teacher_alone(self):
         """A teacher-only forward (the teacher's held-out CE) under FSDP2: the root group is
@@ -264,6 +282,12 @@ def param_bytes(model: nn.Module) -> dict:
         out[f"{who}_local"] += local.numel() * local.element_size()
         out[f"{who}_full"] += math.prod(p.shape) * p.element_size()
     return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident set size so far, in bytes (Linux: ru_maxrss is in KiB)."""
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _comm_device() -> torch.device:

@@ -26,7 +26,7 @@ def export(ckpt_dir, out_dir) -> Path:
         params, _, state = checkpoint.load(ckpt)
     except (FileNotFoundError, ValueError) as e:
         raise config.ConfigError(str(e)) from None
-    cfg = config.from_dict(state["config"], f"{ckpt}/state.json")
+    cfg = config.from_dict(state["config"], f"{ckpt}/state.json", saved=True)
     teacher, tok, _ = teacher_mod.load(cfg.teacher)
     model = build_model(cfg, teacher, tok)
     model.load_trainable_state_dict(params)

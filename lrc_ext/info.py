@@ -22,6 +22,8 @@ def collect() -> dict:
         "cuda_archs": [],
         "cuda_compiler": None,
         "cxx_compiler": None,
+        "cutlass_kernels": False,
+        "cutlass_path": None,
         "openmp": False,
         "gpu_visible": torch.cuda.is_available(),
         "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
@@ -33,6 +35,8 @@ def collect() -> dict:
         info.update(cuda_kernels=bool(c.with_cuda), openmp=bool(c.with_openmp), cxx_compiler=b["cxx_compiler"],
                     cuda_archs=[a for a in b["cuda_archs"].split(",") if a],
                     cuda_compiler=("nvcc " + b["cuda_version"]) if c.with_cuda else None)
+        from .ops import _cutlass
+        info.update(cutlass_kernels=_cutlass.built(), cutlass_path=_cutlass.status())
     return info
 
 

@@ -42,7 +42,6 @@ import time
 import torch
 from torch import Tensor
 
-from . import families as fam
 from . import model as _model
 from .families import KINDS
 
@@ -137,12 +136,12 @@ def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normal
         if basis != "raw":
             x = _rms_normalize(x, 0.0)
         if basis == "read":
-            x = x * norm.weight.detach().double()
+            x = x * lay.gain(norm).double()
         G.add_(x.T @ x)
 
-    hooks = []
+    hooks, lay = [], model.layout
     for tl in base.layers:
-        for n in fam.NORMS:
+        for n in (lay.attn_norm, lay.mlp_norm):  # the norms that read the stream
             norm = getattr(tl, n)
             hooks.append(norm.register_forward_pre_hook(lambda m, a, norm=norm: add(a[0], norm)))
     bar = _bar(len(base.layers), "pca init: teacher stream", progress)
@@ -178,6 +177,10 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
         raise ValueError(f"init_options: basis must be one of {BASES}, got {basis!r}")
     if not (isinstance(ridge, (int, float)) and ridge >= 0):
         raise ValueError(f"init_options: ridge must be a number >= 0, got {ridge!r}")
+    lay = model.layout
+    if correct and (lay.attn_post or lay.mlp_post):
+        raise ValueError("init_options: correct=True does not apply to a teacher with post-block norms "
+                         f"({model.teacher.config.model_type})")
     ids, mask = as_batch(calibration, attention_mask)
     ids, mask, _ = model._check_inputs(ids, mask, None)
     d_s = model.student_hidden_size
@@ -189,13 +192,13 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
     evals, evecs = eigen if eigen is not None else residual_basis(model, ids, mask, basis, progress)
     energy = float(evals[:d_s].clamp(min=0).sum() / evals.clamp(min=0).sum().clamp(min=1e-300))
     U = evecs[:, :d_s].to(dtype=torch.float64, device=ids.device)
-    g_f = model.teacher.model.norm.weight.detach().double()
+    g_f = lay.gain(model.teacher.model.norm).double()
     lam, R = torch.linalg.eigh(U.T @ (g_f[:, None] * U))  # rotate inside the span: diag(g_f) is diagonal
     U = U @ R
     _set(model.p_emb, U)
 
     walk = _model.LayerWalk(model, ids, mask)
-    fit = _LayerFits(U, walk.pick, ridge, refit, correct)
+    fit = _LayerFits(U, walk.pick, ridge, refit, correct, lay)
     bar = _bar(len(model.layers), f"pca init: {'refit' if refit else 'set'} layers", progress)
     try:
         x_t = walk.e_t
@@ -225,23 +228,42 @@ def _set(p, v):
     p.copy_(v.to(p.dtype))
 
 
+def _set_gain(lay, norm, gain):
+    """A student norm's weight, in its family's convention, from a plain gain."""
+    _set(norm.weight, lay.weight_for_gain(gain))
+
+
 class _LayerFits:
     """One layer's fits, run from forward hooks while the walk steps that layer: the teacher's
     hooks capture what its linears read and write (``cap``), then the student's set each
     projection and norm from its actual input just before the student uses it."""
 
-    def __init__(self, U: Tensor, pick, ridge: float, refit: bool, correct: bool):
+    def __init__(self, U: Tensor, pick, ridge: float, refit: bool, correct: bool, lay):
         self.U, self.pick, self.ridge, self.refit, self.correct = U, pick, ridge, refit, correct
+        self.lay = lay
         self.cap: dict = {}
         self.rel = {"in": [], "out": []}  # relative residuals of the refits
 
     def norm_scale(self, snorm, tnorm, x_s, target):
         # student norm weight s (scalar): s * rms-normalised x_S @ U.T * g  ~  a_T
-        z = _rms_normalize(x_s.double(), snorm.variance_epsilon) @ self.U.T * tnorm.weight.detach().double()
-        _set(snorm.weight, torch.full((self.U.shape[1],), _scalar(z, target), dtype=torch.float64, device=z.device))
+        z = _rms_normalize(x_s.double(), self.lay.eps(snorm)) @ self.U.T * self.lay.gain(tnorm).double()
+        _set_gain(self.lay, snorm, torch.full((self.U.shape[1],), _scalar(z, target), dtype=torch.float64,
+                                              device=z.device))
+
+    def post_gain(self, snorm, tnorm, y_s, target):
+        """A post-block norm (Gemma-3): per-coordinate least squares of the student's normalised
+        block output against the teacher's norm output in the student basis, pulled towards
+        diag(U.T diag(g) U). Exact at full width, where U is a signed permutation (the rotation
+        that diagonalises the final norm)."""
+        U = self.U
+        z = _rms_normalize(y_s.double(), self.lay.eps(snorm))
+        g0 = ((U * self.lay.gain(tnorm).double()[:, None]) * U).sum(0)
+        zz, zy = (z * z).sum(0), (z * (target @ U)).sum(0)
+        lam = max(self.ridge * float(zz.mean()), 1e-12)
+        _set_gain(self.lay, snorm, (zy + lam * g0) / (zz + lam))
 
     def fit_in(self, sl, kinds, tnorm, a_s, a_t):
-        P0T = self.U.T * tnorm.weight.detach().double()  # (diag(g) @ U).T
+        P0T = self.U.T * self.lay.gain(tnorm).double()  # (diag(g) @ U).T
         PT = _ridge(a_s.double(), a_t, P0T, self.ridge) if self.refit else P0T
         for k in kinds:
             _set(getattr(sl, k).proj, PT.T)
@@ -261,19 +283,26 @@ class _LayerFits:
 
     def hooks(self, sl, tl, x_s) -> list:
         """Registers this layer's hooks (teacher layer tl, student layer sl with input x_s)."""
-        cap, pick = self.cap, self.pick
+        cap, pick, lay = self.cap, self.pick, self.lay
         cap["x_s"] = x_s
+        attn_norm, mlp_norm = getattr(tl, lay.attn_norm), getattr(tl, lay.mlp_norm)
 
         def keep(name, output=False):  # teacher: record a linear's (or norm's) input, or its output
             if output:
                 return lambda m, a, o: cap.__setitem__(name, pick(o).double())
             return lambda m, a: cap.__setitem__(name, pick(a[0]).double())
-        hs = [tl.get_submodule(KINDS["q"][0]).register_forward_pre_hook(keep("a_t")),
-              tl.get_submodule(KINDS["gate"][0]).register_forward_pre_hook(keep("b_t")),
-              tl.input_layernorm.register_forward_pre_hook(keep("x_t")),
-              tl.post_attention_layernorm.register_forward_pre_hook(keep("x_t_mid")),
-              tl.get_submodule(KINDS["o"][0]).register_forward_hook(keep("o_t", True)),
-              tl.get_submodule(KINDS["down"][0]).register_forward_hook(keep("dn_t", True))]
+        mod = lambda kind: tl.get_submodule(lay.linears[kind][0])  # noqa: E731 (a fused one reads the same input)
+        hs = [mod("q").register_forward_pre_hook(keep("a_t")),
+              mod("gate").register_forward_pre_hook(keep("b_t")),
+              attn_norm.register_forward_pre_hook(keep("x_t")),
+              mlp_norm.register_forward_pre_hook(keep("x_t_mid")),
+              mod("o").register_forward_hook(keep("o_t", True)),
+              mod("down").register_forward_hook(keep("dn_t", True))]
+        for post in (lay.attn_post, lay.mlp_post):
+            if post:
+                hs.append(getattr(tl, post).register_forward_hook(keep(post, True)))
+                hs.append(getattr(sl, post).register_forward_pre_hook(
+                    lambda m, a, post=post: self.post_gain(m, getattr(tl, post), a[0], cap[post])))
         done = set()
 
         def pre(kind):  # student: fit the projection from its actual input
@@ -281,10 +310,10 @@ class _LayerFits:
                 a = args[0]
                 if kind in ("q", "k", "v") and "qkv" not in done:
                     done.add("qkv")
-                    self.fit_in(sl, ("q", "k", "v"), tl.input_layernorm, a, cap["a_t"])
+                    self.fit_in(sl, ("q", "k", "v"), attn_norm, a, cap["a_t"])
                 elif kind in ("gate", "up") and "gu" not in done:
                     done.add("gu")
-                    self.fit_in(sl, ("gate", "up"), tl.post_attention_layernorm, a, cap["b_t"])
+                    self.fit_in(sl, ("gate", "up"), mlp_norm, a, cap["b_t"])
                 elif kind == "o":
                     self.fit_out(m, a, cap["o_t"], cap["x_s"], cap["x_t"])
                 elif kind == "down":
@@ -293,21 +322,21 @@ class _LayerFits:
 
         def mid(m, a):  # a pre-hook's return value would replace the norm's input: none
             cap["x_mid"] = a[0]
-            self.norm_scale(m, tl.post_attention_layernorm, a[0], cap["b_t"])
+            self.norm_scale(m, mlp_norm, a[0], cap["b_t"])
         hs += [getattr(sl, k).register_forward_pre_hook(pre(k)) for k in KINDS]
-        hs.append(sl.input_layernorm.register_forward_pre_hook(
-            lambda m, a: self.norm_scale(m, tl.input_layernorm, a[0], cap["a_t"])))
-        hs.append(sl.post_attention_layernorm.register_forward_pre_hook(mid))
+        hs.append(getattr(sl, lay.attn_norm).register_forward_pre_hook(
+            lambda m, a: self.norm_scale(m, attn_norm, a[0], cap["a_t"])))
+        hs.append(getattr(sl, lay.mlp_norm).register_forward_pre_hook(mid))
         return hs
 
 
 def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
     """The final norm and the head from the last layer's outputs (x_s the student's, h_t_in the
     teacher's valid rows before its final norm)."""
-    t, d_s = model.teacher, U.shape[1]
+    t, d_s, lay = model.teacher, U.shape[1], model.layout
     f64 = dict(dtype=torch.float64, device=U.device)
     h_t = t.model.norm(h_t_in).double()
-    n_s = _rms_normalize(x_s.double(), model.norm.variance_epsilon)
+    n_s = _rms_normalize(x_s.double(), lay.eps(model.norm))
     if model.p_head is None:  # tied: P_head = P_emb = U; the final norm weight by least squares on logits
         W = t.get_output_embeddings().weight.detach().float()
         CU = (W.T @ W).double() @ U  # (d_T, d_S) = W.T W U
@@ -315,10 +344,10 @@ def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
         b = ((h_t @ CU) * n_s).sum(0)
         s0 = lam.to(**f64) * _scalar(n_s * lam.to(**f64) @ U.T, h_t)
         lam_r = max(ridge * float(Gs.diagonal().mean()), 1e-12)
-        _set(model.norm.weight, torch.linalg.solve(Gs + lam_r * torch.eye(d_s, **f64), b + lam_r * s0))
+        _set_gain(lay, model.norm, torch.linalg.solve(Gs + lam_r * torch.eye(d_s, **f64), b + lam_r * s0))
     else:
         s = _scalar(n_s @ U.T * g_f, h_t)
-        _set(model.norm.weight, torch.full((d_s,), s, **f64))
+        _set_gain(lay, model.norm, torch.full((d_s,), s, **f64))
         P0T = U.T * g_f
         _set(model.p_head, (_ridge(n_s * s, h_t, P0T, ridge) if refit else P0T).T)
 
@@ -336,6 +365,6 @@ def identity_(model):
             if p.dim() == 2:
                 p.copy_(torch.eye(*p.shape, dtype=p.dtype, device=p.device))
         for sl, tl in zip(model.layers, t.model.layers):
-            sl.input_layernorm.weight.copy_(tl.input_layernorm.weight)
-            sl.post_attention_layernorm.weight.copy_(tl.post_attention_layernorm.weight)
+            for n in model.layout.norms:
+                getattr(sl, n).weight.copy_(getattr(tl, n).weight)
         model.norm.weight.copy_(t.model.norm.weight)

@@ -7,7 +7,8 @@ are ``clone_linear`` and ``distill_head``.
 
 Padding: the student works on the valid (attention_mask == 1) tokens only, packed into rows;
 they are scattered back to (B, S, .) just for attention. Padded tokens therefore count in no
-loss term and cost nothing in the linears.
+loss term and cost nothing in the linears. The KL counts every valid position, the CE those
+with a next-token label (not the last position, nor a label of -100).
 """
 from __future__ import annotations
 
@@ -22,17 +23,30 @@ from torch import Tensor, nn
 
 from . import families as fam
 from . import init as _init
-from .families import KINDS, NORMS
-from .modules import FusedCloneLinear, resolve_op
+from .families import KINDS
+from .modules import FusedCloneLinear, resolve_op, student_placement
 from .ops.distill_head import check_options as check_head_options
+
+
+CLONE_NORMS = ("none", "target")
+CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
+# clone_exclude "outliers": a token whose teacher residual norm at a layer's input exceeds
+# OUTLIER_K x the median over the batch's valid tokens leaves that layer's clone terms.
+# Measured on SmolLM2-135M at seq 512 (experiments/clone_scale.py, bench/results/clone_scale.md):
+# the sink is 37-175x the median from layer 12 on, every other token <= 12x (<= 3x from layer 10).
+OUTLIER_K = 8.0
 
 
 @dataclass
 class LRCOutput:
     """loss = lm + kl + alpha * sum(clone.values()); every term a 0-dim fp32 tensor.
 
-    ``clone`` always has the seven kinds (0 for a kind that is switched off), each summed over
-    layers. ``logits`` (B, S, V) only with ``return_logits=True``; padded positions hold 0.
+    ``clone`` always has the seven kinds (0 for a kind that is switched off). clone_norm
+    "none": each kind's MSE summed over layers (the paper's sum). clone_norm "target": each
+    kind's sum over layers of MSE / scale[layer, kind], divided by the number of active
+    (layer, kind) terms, so that sum(clone.values()) is their average. With clone_exclude the
+    MSEs are means over the kept rows. ``logits`` (B, S, V) only with ``return_logits=True``;
+    padded positions hold 0.
     """
     loss: Tensor
     lm: Tensor
@@ -42,14 +56,16 @@ class LRCOutput:
 
 
 class StudentLayer(nn.Module):
-    """One student decoder layer's trainable state: seven projections and two RMSNorms."""
+    """One student decoder layer's trainable state: seven projections and the family's
+    RMSNorms (two; Gemma-3: four)."""
 
-    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float):
+    def __init__(self, t_layer: nn.Module, d_s: int, fused, init_std: float, layout: fam.Layout, dtype=None):
         super().__init__()
-        for kind, (name, side) in KINDS.items():
-            setattr(self, kind, FusedCloneLinear(t_layer.get_submodule(name), d_s, side, fused, init_std))
-        for n in NORMS:
-            setattr(self, n, _student_norm(getattr(t_layer, n), d_s))
+        for kind, (_, side) in KINDS.items():
+            setattr(self, kind, FusedCloneLinear(layout.teacher_linear(t_layer, kind), d_s, side, fused, init_std,
+                                                 dtype=dtype))
+        for n in layout.norms:
+            setattr(self, n, _student_norm(getattr(t_layer, n), d_s, dtype))
 
     def forward(self, step, *args):
         """``step(*args)``: one lockstep layer (the teacher's layer, then this one), run as this
@@ -58,18 +74,29 @@ class StudentLayer(nn.Module):
         return step(*args)
 
 
-def _student_norm(t_norm: nn.Module, d_s: int) -> nn.Module:
-    # The family's own RMSNorm class, same eps, width d_S, weight 1.
-    w = t_norm.weight
-    return type(t_norm)(d_s, eps=t_norm.variance_epsilon).to(device=w.device, dtype=w.dtype)
+def _student_norm(t_norm: nn.Module, d_s: int, dtype=None) -> nn.Module:
+    # The family's own RMSNorm class, same eps, width d_S, gain 1 (its stock init).
+    dtype, device = student_placement(t_norm.weight, dtype)
+    return type(t_norm)(d_s, eps=fam.Layout.eps(t_norm)).to(device=device, dtype=dtype)
 
 
 @contextlib.contextmanager
-def _capture(layer: nn.Module, kinds):
-    """Outputs of the teacher layer's linears of `kinds`, recorded by forward hooks."""
+def _capture(layer: nn.Module, kinds, layout: fam.Layout):
+    """Outputs of the teacher layer's linears of `kinds`, recorded by forward hooks (a fused
+    linear's output split into its kinds' parts)."""
     got = {}
-    hooks = [layer.get_submodule(KINDS[k][0]).register_forward_hook(
-        lambda m, i, o, k=k: got.__setitem__(k, o)) for k in kinds]
+
+    def hook(name, held):
+        sizes = fam.split_sizes(layer, name) if len(held) > 1 else None
+
+        def record(m, i, o):
+            parts = o.split(sizes, -1) if sizes else (o,)
+            for k, part in zip(held, parts):
+                if k in kinds:
+                    got[k] = part
+        return record
+    hooks = [layer.get_submodule(name).register_forward_hook(hook(name, held))
+             for name, held in layout.modules().items() if set(held) & set(kinds)]
     try:
         yield got
     finally:
@@ -82,23 +109,33 @@ class LayerWalk:
 
     Holds what every layer shares: the layout (the student works on the valid rows only, N of
     B * S; ``pick`` gathers them, ``unpick`` scatters them back, padding 0, for attention), the
-    teacher's embeddings ``e_t`` (its layer-0 input), causal mask and RoPE. ``step`` is one
-    lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
+    teacher's embeddings ``e_t`` (its layer-0 input), causal masks and RoPE by layer type
+    (``mask(tl)``, ``cos_sin(tl)``: Gemma-3 and Phi-3 have sliding-window layers). ``step`` is
+    one lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
     """
 
     def __init__(self, model: "LowRankClone", input_ids: Tensor, attention_mask: Tensor | None):
         self.model = model
+        self.layer, self.row_weight = -1, None  # the layer being stepped; its clone rows' 0/1 weights
         self.B, self.S = B, S = input_ids.shape
         if attention_mask is None or bool(attention_mask.all()):
             self.rows, self.pos = None, torch.arange(S, device=input_ids.device).expand(B, S)
         else:
             self.rows = attention_mask.reshape(-1).nonzero().squeeze(1)
             self.pos = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # left padding: positions start at 0
-        base = model.teacher.model
+        t = model.teacher
+        self.types = [fam.layer_type(t, i) for i in range(len(t.model.layers))]
         with torch.no_grad():
-            self.e_t = base.embed_tokens(input_ids)
-            self.mask = fam.causal_mask(model.teacher, self.e_t, attention_mask, self.pos)
-            self.cos_sin = base.rotary_emb(self.e_t, self.pos)
+            self.e_t = t.model.embed_tokens(input_ids)
+            kinds = sorted(set(self.types))
+            self.masks = fam.causal_masks(t, self.e_t, attention_mask, self.pos, kinds)
+            self.rope = fam.rope(t, self.e_t, self.pos, kinds)
+
+    def mask(self, tl: nn.Module):
+        return self.masks[self.types[tl.self_attn.layer_idx]]
+
+    def cos_sin(self, tl: nn.Module):
+        return self.rope[self.types[tl.self_attn.layer_idx]]
 
     def pick(self, z: Tensor) -> Tensor:
         """(B, S, w) -> the valid rows (N, w)."""
@@ -113,7 +150,7 @@ class LayerWalk:
 
     @torch.no_grad()
     def teacher_layer(self, tl: nn.Module, x_t: Tensor) -> Tensor:
-        out = tl(x_t, attention_mask=self.mask, position_ids=self.pos, position_embeddings=self.cos_sin)
+        out = tl(x_t, attention_mask=self.mask(tl), position_ids=self.pos, position_embeddings=self.cos_sin(tl))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 
     def step(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds, clone: dict):
@@ -121,22 +158,41 @@ class LayerWalk:
         clone targets; skipped when ``kinds`` is None), then the student's, adding its clone
         MSEs into ``clone``. Returns (x_s, x_t)."""
         tgt = None
+        self.layer += 1
         if kinds is not None:
-            with _capture(tl, kinds) as tgt:
+            self.row_weight = self.model._clone_rows(self, x_t) if kinds else None
+            with _capture(tl, kinds, self.model.layout) as tgt:
                 x_t = self.teacher_layer(tl, x_t)
-        return self.model._student_layer(self, sl, tl, x_s, tgt, clone), x_t
+        mine = {}  # this layer's terms, added into clone as the clone_norm says
+        x_s = self.model._student_layer(self, sl, tl, x_s, tgt, mine)
+        self.model._add_clone(clone, mine, self.layer)
+        return x_s, x_t
 
 
 class LowRankClone(nn.Module):
-    """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral) at width d_S.
+    """Low-Rank Clone of a frozen causal-LM teacher (Llama, Qwen2, Qwen3, Mistral, Gemma-3 text,
+    Phi-3 / Phi-4-mini) at width d_S.
 
-    Trainable: per layer seven projections (d_T, d_S) and two RMSNorms; P_emb, P_head (tied to
-    P_emb when ``tie_head``; default: when the teacher ties its embeddings) and the final norm.
+    Trainable: per layer seven projections (d_T, d_S) and the family's RMSNorms (two; Gemma-3
+    four); P_emb, P_head (tied to P_emb when ``tie_head``; default: when the teacher ties its
+    embeddings) and the final norm. Family differences: ``fam.Layout`` (lrc_ext/families.py).
 
     ``init="normal"`` (the paper's): projections N(0, init_std), norms 1. ``init="pca"``: every
     projection and norm set from the teacher's principal subspace over ``calibration`` token ids
     ((B, S) tensor, or a list; optional ``calibration_attention_mask``), see lrc_ext/init.py;
     ``init_options`` passes basis / refit / ridge / progress there. ``self.init_info`` reports it.
+
+    The clone loss beyond the paper (defaults: the paper's raw sum): ``clone_norm="target"``
+    divides each (layer, kind) MSE by the mean square of that teacher activation over the
+    ``calibration`` tokens (buffer ``clone_scale``, measured once by ``measure_clone_scales_``,
+    kept in state_dict), and averages the terms instead of summing them. ``clone_exclude``
+    drops rows from the clone MSEs only (never from KL or CE): "first" the position 0 of each
+    sequence (the attention sink), "outliers" the tokens whose teacher residual norm at the
+    layer's input is over OUTLIER_K x the batch median, or "first,outliers".
+    ``param_dtype``: the trainables' dtype (default: the teacher's). The trainer holds the
+    teacher in the compute dtype and passes float32 here: fp32 master weights, cast by
+    autocast per call, beside a bf16 teacher that is never cast. A teacher on the meta device
+    (FSDP loads its shards after wrapping) gets real CPU trainables.
     """
 
     def __init__(self, teacher: nn.Module, student_hidden_size: int, *, fused: bool | None = None,
@@ -145,7 +201,8 @@ class LowRankClone(nn.Module):
                  kl_reduction: str = "batchmean", attn_clone_space: str = "student",
                  tie_head: bool | None = None, init_std: float = 0.02, tokenizer=None,
                  init: str = "normal", calibration=None, calibration_attention_mask=None,
-                 init_options: dict | None = None):
+                 init_options: dict | None = None, clone_norm: str = "none", clone_exclude: str = "none",
+                 param_dtype: torch.dtype | None = None):
         super().__init__()
         fam.validate_teacher(teacher)
         if init not in _init.INITS:
@@ -153,8 +210,13 @@ class LowRankClone(nn.Module):
         if init == "pca" and calibration is None:
             raise ValueError("calibration: init='pca' needs calibration token ids (a (batch, seq) tensor of "
                              "input_ids, or a list of them; a few thousand tokens)")
-        if init == "normal" and (calibration is not None or init_options):
-            raise ValueError("calibration / init_options are only used with init='pca'")
+        if clone_norm not in CLONE_NORMS:
+            raise ValueError(f"clone_norm must be one of {list(CLONE_NORMS)}, got {clone_norm!r}")
+        if clone_exclude not in CLONE_EXCLUDES:
+            raise ValueError(f"clone_exclude must be one of {list(CLONE_EXCLUDES)}, got {clone_exclude!r}")
+        if init == "normal" and (init_options or (calibration is not None and clone_norm != "target")):
+            raise ValueError("calibration / init_options are only used with init='pca' (calibration also "
+                             "with clone_norm='target')")
         d_t = teacher.config.hidden_size
         d_s = student_hidden_size
         if isinstance(d_s, bool) or not isinstance(d_s, int) or not 0 < d_s <= d_t:
@@ -176,6 +238,7 @@ class LowRankClone(nn.Module):
         self.use_lm, self.use_kl, self.tau_squared = bool(use_lm), bool(use_kl), bool(tau_squared)
         self.clone_kinds = tuple(k for k in KINDS if use_clone and k in clone_kinds)
         self.kl_reduction, self.attn_clone_space = kl_reduction, attn_clone_space
+        self.clone_norm, self.clone_exclude = clone_norm, clone_exclude
         self.tokenizer = tokenizer
         self.check_values = False  # True: check id / mask / label values of accelerator inputs too (host syncs)
 
@@ -185,13 +248,17 @@ class LowRankClone(nn.Module):
         # Refuse a width that cannot be exported now, not after training.
         self.student_config, stock_shapes = fam.check_width(teacher, d_s, self.tie_head and teacher_tied)
 
+        p_dtype, p_device = student_placement(emb, param_dtype)
+
         def proj():
-            return nn.Parameter(torch.empty(d_t, d_s, dtype=emb.dtype, device=emb.device).normal_(0.0, init_std))
+            return nn.Parameter(torch.empty(d_t, d_s, dtype=p_dtype, device=p_device).normal_(0.0, init_std))
         self.p_emb = proj()
         self.p_head = None if self.tie_head else proj()
         base = teacher.model
-        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std) for tl in base.layers)
-        self.norm = _student_norm(base.norm, d_s)
+        self.layout = fam.layout(teacher)
+        self.layers = nn.ModuleList(StudentLayer(tl, d_s, fused, init_std, self.layout, param_dtype)
+                                    for tl in base.layers)
+        self.norm = _student_norm(base.norm, d_s, param_dtype)
         self._fam = fam.family_module(teacher)
 
         ours = {k: shape for k, (shape, _) in self._export_entries().items()}
@@ -201,8 +268,15 @@ class LowRankClone(nn.Module):
                                f"{sorted(set(ours.items()) ^ set(stock_shapes.items()))}")
         # init="pca": start inside the teacher's principal subspace (lrc_ext/init.py); report kept
         self.init_info = {"init": "normal", "init_std": float(init_std)}
+        self._scales_ready = clone_norm != "target"
+        if clone_norm == "target":  # NaN until measured (or loaded from a state dict)
+            self.register_buffer("clone_scale", torch.full((len(self.layers), len(KINDS)), float("nan"),
+                                                           device=p_device))
+            self.register_load_state_dict_post_hook(_scales_loaded)
         if init == "pca":
             self.init_info = _init.pca_init_(self, calibration, calibration_attention_mask, **(init_options or {}))
+        if clone_norm == "target" and calibration is not None:
+            self.measure_clone_scales_(calibration, calibration_attention_mask)
 
     # ---- public helpers -------------------------------------------------------------------
     @property
@@ -235,7 +309,8 @@ class LowRankClone(nn.Module):
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None, labels: Tensor | None = None,
                 return_logits: bool = False) -> LRCOutput:
         """Losses of a batch. ``labels``: transformers convention (same shape as input_ids,
-        shifted here, -100 ignored); None means input_ids. Padded tokens count in no term."""
+        shifted here, -100: no CE at that position); None means input_ids. The KL counts every
+        non-padded position, the CE the labelled ones; padded tokens count in no term."""
         input_ids, attention_mask, labels = self._check_inputs(input_ids, attention_mask, labels)
         return self._run(input_ids, attention_mask, labels, with_teacher=True, return_logits=return_logits)
 
@@ -243,6 +318,67 @@ class LowRankClone(nn.Module):
         """The student's (B, S, V) logits alone, without running the teacher (padded positions: 0)."""
         input_ids, attention_mask, _ = self._check_inputs(input_ids, attention_mask, None)
         return self._run(input_ids, attention_mask, None, with_teacher=False, return_logits=True).logits
+
+    # ---- the clone loss' options ------------------------------------------------------------
+    @torch.no_grad()
+    def measure_clone_scales_(self, calibration, attention_mask=None, batch: int = 8) -> Tensor:
+        """clone_norm="target": set ``clone_scale[layer, kind]`` to the mean square of the teacher's
+        activation of that kind (its own width) over the calibration tokens' rows that the clone
+        loss keeps (clone_exclude applies here too). Returns the buffer."""
+        if self.clone_norm != "target":
+            raise ValueError("measure_clone_scales_: only used with clone_norm='target'")
+        ids, mask = _init.as_batch(calibration, attention_mask)
+        dev = self.p_emb.device
+        sums = torch.zeros(len(self.layers), len(KINDS), dtype=torch.float64, device=dev)
+        counts = torch.zeros_like(sums)
+        for b0 in range(0, ids.shape[0], batch):
+            i = ids[b0:b0 + batch].to(dev)
+            m = mask[b0:b0 + batch].to(dev) if mask is not None else None
+            walk = LayerWalk(self, i, m)
+            x_t = walk.e_t
+            for li, tl in enumerate(self.teacher.model.layers):
+                w = self._clone_rows(walk, x_t)
+                with _capture(tl, KINDS, self.layout) as got:
+                    x_t = walk.teacher_layer(tl, x_t)
+                for ki, kind in enumerate(KINDS):
+                    t = walk.pick(got[kind]).double()
+                    w_ = torch.ones(t.shape[0], dtype=t.dtype, device=dev) if w is None else w.double()
+                    sums[li, ki] += (w_[:, None] * t * t).sum()
+                    counts[li, ki] += w_.sum() * t.shape[1]
+        scale = sums / counts.clamp(min=1)
+        if not bool(torch.isfinite(scale).all() and (scale > 0).all()):
+            raise ValueError("measure_clone_scales_: a teacher activation has no (finite, non-zero) mean square "
+                             "over the calibration tokens")
+        self.clone_scale.copy_(scale.float())
+        self._scales_ready = True
+        return self.clone_scale
+
+    def _clone_rows(self, walk: LayerWalk, x_t: Tensor):
+        """The clone terms' row weights (N,) fp32 for the layer whose input is x_t (1 kept,
+        0 excluded), or None when clone_exclude is "none"."""
+        if self.clone_exclude == "none":
+            return None
+        keep = torch.ones(walk.rows.numel() if walk.rows is not None else walk.B * walk.S, dtype=torch.bool,
+                          device=x_t.device)
+        if "first" in self.clone_exclude:  # position 0 of each sequence: the attention sink
+            keep &= walk.pick(walk.pos.reshape(walk.B, walk.S, 1))[:, 0] != 0
+        if "outliers" in self.clone_exclude:
+            norm = walk.pick(x_t).float().norm(dim=-1)
+            keep &= norm <= OUTLIER_K * norm.median()
+        return keep.float()
+
+    def _add_clone(self, clone: dict, mine: dict, layer: int):
+        """Add one layer's clone MSEs into ``clone`` (see LRCOutput for the two clone_norms)."""
+        if self.clone_norm == "none" or not mine:
+            for k, v in mine.items():
+                clone[k] = clone[k] + v
+            return
+        if not self._scales_ready:
+            raise RuntimeError("clone_norm='target': the clone scales are not measured; pass calibration= to "
+                               "LowRankClone, call measure_clone_scales_(ids), or load a state dict holding them")
+        n_terms = len(self.layers) * len(self.clone_kinds)
+        for k, v in mine.items():
+            clone[k] = clone[k] + v / (self.clone_scale[layer, _KIND_INDEX[k]] * n_terms)
 
     def _check_inputs(self, input_ids, attention_mask, labels):
         dev, vocab = self.p_emb.device, self.teacher.get_input_embeddings().weight.shape[0]
@@ -287,6 +423,8 @@ class LowRankClone(nn.Module):
         e_s = self.__dict__.get("step_emb")  # E_S formed this optimiser step (tied head), if any
         if e_s is not None:
             x_s = e_s.index_select(0, walk.pick(input_ids[..., None])[:, 0])
+            if self.layout.embed_scaled:  # the teacher's lookup carries its scale (Gemma-3): so must E_S[ids]
+                x_s = x_s * fam.embed_scale(self.teacher)
             dev = x_s.device.type
             x_s = x_s.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x_s
         else:
@@ -306,31 +444,30 @@ class LowRankClone(nn.Module):
             lm, kl = self._head_losses(walk, input_ids, labels, attention_mask, x_s, x_t if need_teacher else None)
         logits = None
         if return_logits:
-            w_head = self.teacher.get_output_embeddings().weight.detach() @ self.head_proj
+            w_head = _matmul(self.teacher.get_output_embeddings().weight.detach(), self.head_proj)
             logits = walk.unpick(F.linear(self.norm(x_s), w_head))
         total = lm + kl + self.alpha * sum(clone.values())
         return LRCOutput(loss=total, lm=lm, kl=kl, clone=clone, logits=logits)
 
     def _head_losses(self, walk: LayerWalk, input_ids, labels, attention_mask, x_s, x_t):
-        """(lm, kl) from the final hidden states; x_t None: CE only, no teacher."""
+        """(lm, kl) from the final hidden states; x_t None: CE only, no teacher. Every valid
+        position goes to the head: the KL counts them all, the CE those with a label."""
         nxt = walk.pick(_shift_labels(input_ids if labels is None else labels, attention_mask)[..., None])[:, 0]
-        if labels is None and walk.rows is None:  # every position but the last: known from the shape, no sync
-            keep = torch.arange(walk.B * walk.S, device=nxt.device).view(walk.B, walk.S)[:, :-1].reshape(-1)
-        else:
-            keep = (nxt != -100).nonzero().squeeze(1)
-        h_s = self.norm(x_s.index_select(0, keep))
-        h_t = (self.teacher.model.norm(walk.pick(x_t).index_select(0, keep)) if x_t is not None
-               else h_s.new_zeros(keep.numel(), self.teacher.config.hidden_size))  # lm only: no teacher
+        h_s = self.norm(x_s)
+        h_t = (self.teacher.model.norm(walk.pick(x_t)) if x_t is not None
+               else h_s.new_zeros(h_s.shape[0], self.teacher.config.hidden_size))  # lm only: no teacher
         w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
         w_s = self.__dict__.get("step_head")  # W_head_S formed this optimiser step, if any
         dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
         h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p if w_s is None else w_s))
-        # with W_S given: every kept label counts (n_valid known on the host: no count, no sync)
-        extra = {} if w_s is None else {"n_valid": keep.numel()}
-        op = resolve_op("distill_head", self.fused) if w_s is None else resolve_op("distill_head", self.fused, "_ws")
+        extra, op = {}, resolve_op("distill_head", self.fused)
+        if w_s is not None:
+            op = resolve_op("distill_head", self.fused, "_ws")
+            if labels is None and walk.rows is None:  # labelled: all but each row's last, known from the shape
+                extra["n_valid"] = walk.B * (walk.S - 1)  # no count, no host sync
         return op(
-            h_s, h_t, w_t, p, nxt.index_select(0, keep), **extra, tau=self.tau, lm_weight=float(self.use_lm),
+            h_s, h_t, w_t, p, nxt, **extra, tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
             tau_squared=self.tau_squared)
 
@@ -341,49 +478,57 @@ class LowRankClone(nn.Module):
             target = None
             if tgt is not None and kind in tgt and not (kind == "o" and self.attn_clone_space == "teacher"):
                 target = walk.pick(tgt[kind])
-            y = getattr(sl, kind)(inp, target, fused=self.fused)
+            y = getattr(sl, kind)(inp, target, fused=self.fused, row_weight=walk.row_weight if target is not None
+                                  else None)
             if target is not None:
                 y, mse = y
-                clone[kind] = clone[kind] + mse
+                clone[kind] = clone[kind] + mse if kind in clone else mse
             return y
 
-        B, S, attn = walk.B, walk.S, tl.self_attn
+        B, S, attn, lay = walk.B, walk.S, tl.self_attn, self.layout
         hd = attn.head_dim
-        a = sl.input_layernorm(x)
+        a = getattr(sl, lay.attn_norm)(x)
         q, k, v = (walk.unpick(lin(n, a)).view(B, S, -1, hd) for n in ("q", "k", "v"))
-        if hasattr(attn, "q_norm"):  # Qwen3: per-head norms on head_dim, the teacher's as they are
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma-3: per-head norms on head_dim, the teacher's as they are
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = (z.transpose(1, 2) for z in (q, k, v))
-        q, k = self._fam.apply_rotary_pos_emb(q, k, *walk.cos_sin)
-        att, _ = fam.attention_function(self.teacher)(attn, q, k, v, walk.mask, dropout=0.0, scaling=attn.scaling,
-                                                      position_ids=walk.pos)
+        q, k = self._fam.apply_rotary_pos_emb(q, k, *walk.cos_sin(tl))  # Phi-3: partial rotary inside
+        att, _ = fam.attention_function(self.teacher)(
+            attn, q, k, v, walk.mask(tl), dropout=0.0, scaling=attn.scaling, position_ids=walk.pos,
+            sliding_window=fam.sliding_window(self.teacher, attn.layer_idx))
         att = walk.pick(att.reshape(B, S, -1))
         o = lin("o", att)
         if tgt is not None and "o" in tgt and self.attn_clone_space == "teacher":
             # authors' form: MSE(att_S @ W_o.T, o_T) in the teacher's space
             d = F.linear(att, sl.o.teacher.weight.detach()) - walk.pick(tgt["o"])
             d = d.to(torch.promote_types(d.dtype, torch.float32))
-            clone["o"] = clone["o"] + (d * d).mean()
-        x = x + o
-        b = sl.post_attention_layernorm(x)
-        return x + lin("down", tl.mlp.act_fn(lin("gate", b)) * lin("up", b))
+            w = walk.row_weight
+            mse = (d * d).mean() if w is None else (w[:, None] * d * d).sum() / (w.sum().clamp(min=1) * d.shape[1])
+            clone["o"] = clone["o"] + mse if "o" in clone else mse
+        x = x + (getattr(sl, lay.attn_post)(o) if lay.attn_post else o)
+        b = getattr(sl, lay.mlp_norm)(x)
+        m = lin("down", getattr(tl.mlp, lay.act)(lin("gate", b)) * lin("up", b))
+        return x + (getattr(sl, lay.mlp_post)(m) if lay.mlp_post else m)
 
     # ---- export ---------------------------------------------------------------------------
     def _export_entries(self) -> dict:
-        """Stock student key -> (shape, thunk making the tensor). Keys are the teacher's own."""
-        t, d_s = self.teacher, self.student_hidden_size
+        """Stock student key -> (shape, thunk making the tensor). Keys are the teacher's own.
+        What the stock config cannot say is folded into the weights (fam.export_folds)."""
+        t, d_s, lay = self.teacher, self.student_hidden_size, self.layout
         emb, head = t.get_input_embeddings().weight, t.get_output_embeddings().weight
+        emb_k, norm_k = fam.export_folds(t, d_s, self.student_config.tie_word_embeddings)
         ents = {
-            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: emb.detach() @ self.p_emb),
-            "lm_head.weight": ((head.shape[0], d_s), lambda: head.detach() @ self.head_proj),
-            "model.norm.weight": ((d_s,), lambda: self.norm.weight),
+            "model.embed_tokens.weight": ((emb.shape[0], d_s), lambda: _matmul(emb.detach(), self.p_emb) * emb_k),
+            "lm_head.weight": ((head.shape[0], d_s), lambda: _matmul(head.detach(), self.head_proj) * (1 / norm_k)),
+            "model.norm.weight": ((d_s,), lambda: lay.weight_for_gain(lay.gain(self.norm) * norm_k)),
         }
         for i, (sl, tl) in enumerate(zip(self.layers, t.model.layers)):
             p = f"model.layers.{i}."
-            for kind, (name, _) in KINDS.items():
-                lin = getattr(sl, kind)
-                ents[p + name + ".weight"] = ((lin.out_features, lin.in_features), lin.student_weight)
-            for n in NORMS:
+            for name, kinds in lay.modules().items():  # a fused linear: its kinds' rows, concatenated
+                lins = [getattr(sl, k) for k in kinds]
+                shape = (sum(m.out_features for m in lins), lins[0].in_features)
+                ents[p + name + ".weight"] = (shape, lambda lins=lins: torch.cat([m.student_weight() for m in lins]))
+            for n in lay.norms:
                 ents[p + n + ".weight"] = ((d_s,), getattr(sl, n).weight.detach)
             for k, v in tl.state_dict(keep_vars=True).items():  # q/k/v biases, Qwen3 q/k norms: as they are
                 ents.setdefault(p + k, (tuple(v.shape), v.detach))
@@ -411,6 +556,23 @@ class LowRankClone(nn.Module):
         if tok is not None:
             tok.save_pretrained(path)
         return path
+
+
+_KIND_INDEX = {k: i for i, k in enumerate(KINDS)}
+
+
+def _scales_loaded(module, incompatible):
+    # a state dict that held clone_scale makes the scales ready
+    if not any(k.endswith("clone_scale") for k in incompatible.missing_keys):
+        module._scales_ready = True
+
+
+def _matmul(w_t: Tensor, p: Tensor) -> Tensor:
+    """W_T @ P; outside autocast a teacher held in another dtype than P is cast to P's (export,
+    logits: not the training path, where autocast casts P and leaves a bf16 W_T as it is)."""
+    if w_t.dtype != p.dtype and not torch.is_autocast_enabled(p.device.type):
+        w_t = w_t.to(p.dtype)
+    return w_t @ p
 
 
 def _shift_labels(labels: Tensor, attention_mask: Tensor | None) -> Tensor:

@@ -50,18 +50,28 @@ def _by_device(fused, ref, x, *args, **kw):
 _MODULES: dict = {}
 
 
+def student_placement(teacher_weight: torch.Tensor, dtype: torch.dtype | None = None):
+    """(dtype, device) of a trainable tensor made beside ``teacher_weight``: ``dtype`` or the
+    teacher's, on the teacher's device, except that a teacher on the meta device (whose
+    weights are loaded after sharding, lrc_ext/distributed.py) gets real CPU trainables."""
+    w = teacher_weight
+    return dtype or w.dtype, (torch.device("cpu") if w.is_meta else w.device)
+
+
 class FusedCloneLinear(nn.Module):
     """Student linear with weight ``W_T @ P`` (side="in") or ``P.T @ W_T`` (side="out").
 
-    Only ``proj`` (d_T, d_S), N(0, init_std), is a parameter. The teacher nn.Linear is held by
+    Only ``proj`` (d_T, d_S), N(0, init_std), is a parameter, in ``dtype`` (default: the teacher
+    weight's; a trainer keeps fp32 masters beside a bf16 teacher). The teacher nn.Linear is held by
     reference, not registered, so its weight is neither copied nor listed twice in
     parameters()/state_dict(); move the teacher yourself when using this module on its own.
     ``forward(x)`` returns y; ``forward(x, target)`` returns (y, mse) with mse the mean of
-    (y - target)^2 (target in the teacher's width for side="out": compared as target @ P).
+    (y - target)^2 (target in the teacher's width for side="out": compared as target @ P);
+    ``row_weight`` makes it the weighted mean over rows (see lrc_ext/ops/clone_linear.py).
     """
 
     def __init__(self, teacher_linear: nn.Linear, student_features: int, side: str = "in",
-                 fused: bool | None = None, init_std: float = 0.02):
+                 fused: bool | None = None, init_std: float = 0.02, dtype: torch.dtype | None = None):
         super().__init__()
         side_is_out(side, "FusedCloneLinear")
         if not isinstance(teacher_linear, nn.Linear):
@@ -76,7 +86,8 @@ class FusedCloneLinear(nn.Module):
         self.__dict__["teacher"] = teacher_linear  # plain attribute: bypasses Module registration
         self.side, self.fused = side, fused
         self.__dict__["step_ws"] = None  # W_S of the optimiser step (lrc_ext/step_weights.py), if any
-        self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=w.dtype, device=w.device))
+        dtype, device = student_placement(w, dtype)
+        self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=dtype, device=device))
         nn.init.normal_(self.proj, 0.0, init_std)
 
     @property
@@ -88,24 +99,26 @@ class FusedCloneLinear(nn.Module):
         return self.teacher.out_features if self.side == "in" else self.proj.shape[1]
 
     def student_weight(self) -> torch.Tensor:
-        """The materialised W_S (out_S, in_S), for export."""
-        w = self.teacher.weight.detach()
+        """The materialised W_S (out_S, in_S), for export (in the projection's dtype)."""
+        w = self.teacher.weight.detach().to(self.proj.dtype)
         return w @ self.proj if self.side == "in" else self.proj.t() @ w
 
     def student_bias(self):
         b = self.teacher.bias if self.side == "in" else None
         return None if b is None else b.detach()
 
-    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None):
+    def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None,
+                row_weight: torch.Tensor | None = None):
         fused = self.fused if fused is None else fused
+        extra = {} if row_weight is None else {"row_weight": row_weight}  # the MSE's row weights, if any
         w_s = self.__dict__.get("step_ws")
         if w_s is not None:  # formed once this optimiser step; P enters only through the target
             y, mse = resolve_op("clone_linear", fused, "_ws")(x, w_s, self.student_bias(), target, self.proj,
-                                                              self.side)
+                                                              self.side, **extra)
             return y if target is None else (y, mse)
         op = resolve_op("clone_linear", fused)
         # detach: the teacher stays frozen even if the caller left requires_grad on its weights
-        y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side)
+        y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side, **extra)
         return y if target is None else (y, mse)
 
     def extra_repr(self) -> str:

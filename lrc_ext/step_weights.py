@@ -36,7 +36,8 @@ class StepWeights:
             for m in model.modules():
                 if isinstance(m, FusedCloneLinear):
                     m.__dict__["step_ws"] = self._leaf(m.student_weight())
-            w_head = model.teacher.get_output_embeddings().weight.detach() @ model.head_proj
+            # in the trainables' dtype (fp32 masters beside a bf16 teacher), as student_weight()
+            w_head = model.teacher.get_output_embeddings().weight.detach().to(model.head_proj.dtype) @ model.head_proj
             model.__dict__["step_head"] = self._leaf(w_head)
             emb = model.teacher.get_input_embeddings().weight
             tied = model.head_proj is model.p_emb and emb is model.teacher.get_output_embeddings().weight

@@ -10,11 +10,18 @@
   variable ``LRC_DEFAULT_TEACHER`` (a directory or .gguf) replaces it, for offline tests;
 * otherwise a hub id, through ``from_pretrained``.
 
+Storage dtype: the teacher is held in the run's compute dtype (``storage_dtype``): bf16 under
+bf16 autocast, so no frozen weight is cast per call (autocast leaves a bf16 tensor as it is),
+fp32 otherwise. ``load(..., meta=True)`` builds it on the meta device for FSDP2, which shards
+it first; ``load_shards`` then fills each rank's rows from the safetensors files, so no rank
+ever holds the whole teacher (lrc_ext/distributed.py).
+
 The cache is ``$LRC_CACHE``, else ``$XDG_CACHE_HOME/lrc_ext``, else ``~/.cache/lrc_ext``.
 Every failure a user can cause raises TeacherError with one line saying what to do.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -25,6 +32,7 @@ import zipfile
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from .config import DEFAULT_TEACHER, ConfigError, one_line
 
@@ -72,8 +80,18 @@ def resolve(spec: str) -> Path | str:
     return spec  # hub id
 
 
-def load(spec: str, device: str = "cpu", dtype=torch.float32):
-    """(teacher model in eval mode, tokenizer, source string) for `spec`."""
+def storage_dtype(compute_dtype: str) -> torch.dtype:
+    """The teacher's storage dtype for a run's resolved compute dtype ("bfloat16" or
+    "float32"): the same, so a frozen weight is never re-cast per call under autocast."""
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32}[compute_dtype]
+
+
+def load(spec: str, device: str = "cpu", dtype=torch.float32, meta: bool = False):
+    """(teacher model in eval mode, tokenizer, source string) for `spec`, in `dtype`.
+
+    meta=True: parameters on the meta device (buffers such as RoPE's real, on the CPU) when
+    the source is a local directory of safetensors; fill them with ``load_shards`` after
+    sharding. ``teacher.lrc_meta`` says which one was built (a hub id loads whole)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .families import SUPPORTED
@@ -88,8 +106,19 @@ def load(spec: str, device: str = "cpu", dtype=torch.float32):
     if getattr(cfg, "model_type", None) not in SUPPORTED:
         raise TeacherError(f"--teacher {spec}: unsupported teacher model_type {getattr(cfg, 'model_type', None)!r}; "
                            f"LRC supports {', '.join(SUPPORTED)}")
+    meta = meta and isinstance(src, Path) and bool(weight_map(src, spec))
     try:
-        model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+        MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)]  # import the model's code now, to measure the model alone
+    except Exception:
+        pass
+    rss0 = host_rss()
+    try:
+        if meta:
+            with meta_parameters():
+                model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(src, dtype=dtype)
     except Exception as e:
         raise TeacherError(f"--teacher {spec}: cannot load the model: {one_line(e)}") from None
     try:
@@ -97,7 +126,110 @@ def load(spec: str, device: str = "cpu", dtype=torch.float32):
     except Exception as e:
         raise TeacherError(f"--teacher {spec}: cannot load its tokenizer: {one_line(e)}") from None
     tok.model_max_length = 1 << 40  # we pack long documents ourselves; silence length warnings
-    return model.to(device).eval(), tok, str(src)
+    model.lrc_meta = meta
+    model.lrc_host_bytes = host_rss() - rss0  # resident memory the teacher's weights took on this process
+    return (model if meta else model.to(device)).eval(), tok, str(src)
+
+
+def host_rss() -> int:
+    """This process's resident set size now, in bytes (Linux /proc/self/statm)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):
+        return 0
+
+
+# -- a teacher built on the meta device, loaded shard by shard -------------------------------
+
+@contextlib.contextmanager
+def meta_parameters():
+    """Modules built inside get their parameters on the meta device; buffers stay real (RoPE's
+    inv_freq is computed at construction and is in no checkpoint)."""
+    orig = nn.Module.register_parameter
+
+    def register(module, name, param):
+        orig(module, name, param)
+        if param is not None and not param.is_meta:
+            p = module._parameters[name]
+            module._parameters[name] = nn.Parameter(p.to("meta"), requires_grad=p.requires_grad)
+    nn.Module.register_parameter = register
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = orig
+
+
+def weight_map(src: Path, spec: str = "") -> dict:
+    """{tensor name: safetensors file} of a local model directory ({} when it has none)."""
+    index = src / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            return {k: src / f for k, f in json.loads(index.read_text())["weight_map"].items()}
+        except (ValueError, KeyError, TypeError) as e:
+            raise TeacherError(f"--teacher {spec or src}: unreadable {index.name}: {one_line(e)}") from None
+    single = src / "model.safetensors"
+    if not single.is_file():
+        return {}
+    from safetensors import safe_open
+    with safe_open(single, "pt") as f:
+        return {k: single for k in f.keys()}
+
+
+@torch.no_grad()
+def load_shards(teacher: nn.Module, src: str, device: torch.device):
+    """Fill a meta-device teacher that FSDP2 has sharded: each parameter's local rows (its
+    Shard(0) piece) are read from the safetensors files, so this rank reads and holds only its
+    shard; buffers keep their constructed values. Returns the bytes read."""
+    from safetensors import safe_open
+    buffers = {n: b.detach().clone() for n, b in teacher.named_buffers()}
+    ties = _ties(teacher)
+    teacher.to_empty(device=device)
+    for (m, n), (m0, n0) in ties:  # to_empty replaces a plain meta parameter: tie it again
+        m._parameters[n] = m0._parameters[n0]
+    for n, b in teacher.named_buffers():
+        b.copy_(buffers[n])
+    files, handles, read = weight_map(Path(src)), {}, 0
+    try:
+        for name, p in teacher.named_parameters():  # a tied weight once, under its first name
+            if name not in files:
+                raise TeacherError(f"--teacher {src}: its safetensors hold no tensor {name!r}")
+            f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt"))
+            sl = f.get_slice(name)
+            if tuple(sl.get_shape()) != tuple(p.shape):
+                raise TeacherError(f"--teacher {src}: tensor {name} has shape {tuple(sl.get_shape())} in its "
+                                   f"safetensors, the model expects {tuple(p.shape)}")
+            local, start = _local_rows(p)
+            rows = sl[start:start + local.shape[0]]
+            local.copy_(rows.to(local.dtype).view_as(local))
+            read += rows.numel() * rows.element_size()
+    finally:
+        handles.clear()
+    teacher.lrc_meta = False
+    return read
+
+
+def _ties(model: nn.Module) -> list:
+    """[((module, name), (module, name) of its first occurrence)] for every shared parameter."""
+    first, ties = {}, []
+    for m in model.modules():
+        for n, p in m._parameters.items():
+            if p is not None:
+                if id(p) in first and first[id(p)] != (m, n):
+                    ties.append(((m, n), first[id(p)]))
+                first.setdefault(id(p), (m, n))
+    return ties
+
+
+def _local_rows(p: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's local tensor, its first row in the full tensor): FSDP2 shards dim 0 in
+    torch.chunk pieces, ceil(rows / world) a rank; a plain tensor is all of it."""
+    if not hasattr(p, "to_local"):
+        return p, 0
+    if not (len(p.placements) == 1 and p.placements[0].is_shard(0)):
+        raise TeacherError(f"cannot load a teacher tensor placed as {p.placements} (FSDP2 shards dim 0)")
+    per = -(-p.shape[0] // p.device_mesh.size())
+    return p.to_local(), min(p.device_mesh.get_local_rank() * per, p.shape[0])
 
 
 # -- GGUF --------------------------------------------------------------------------------

@@ -68,27 +68,42 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr * max(0.0, (n - step) / max(1, n - w))
 
 
-def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
+def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, amp=None):
     """The LowRankClone for cfg (projections drawn from cfg.seed, on the CPU, so every device
     starts from the same student). --init pca calibrates on the first --calibration-tokens of
     the training sequences of `data`; without `data` (resuming, reloading) the init is skipped.
-    On an accelerator `device` the calibration runs there (the model is moved first)."""
+    On an accelerator `device` the calibration runs there (the model is moved first), under
+    `amp` (the run's autocast: a bf16 teacher beside fp32 trainables). The trainables are fp32
+    masters whatever dtype the teacher is held in."""
     from . import init as init_mod
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
-    cal = None
-    if cfg.init == "pca" and data is not None:
+    cal = None  # the calibration tokens of --init pca and of --clone-norm target's scales
+    if (cfg.init == "pca" or cfg.clone_norm == "target") and data is not None:
         cal = data.batch(0, -(-cfg.calibration_tokens // cfg.seq_len))
     try:
         model = LowRankClone(teacher, cfg.student_hidden_size, fused=False if cfg.reference else None,
                              tau=cfg.tau, alpha=cfg.alpha, use_lm=cfg.use_lm, use_kl=cfg.use_kl,
-                             use_clone=cfg.use_clone, tokenizer=tokenizer)
+                             use_clone=cfg.use_clone, clone_kinds=config.clone_kinds(cfg),
+                             tau_squared=cfg.tau_squared, kl_reduction=cfg.kl_reduction,
+                             attn_clone_space=cfg.attn_clone_space, clone_norm=cfg.clone_norm,
+                             clone_exclude=cfg.clone_exclude, tokenizer=tokenizer,
+                             tie_head={"auto": None, "tied": True, "untied": False}[cfg.head],
+                             param_dtype=torch.float32)
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
-            model.init_info = init_mod.pca_init_(model, cal)
+        with amp if amp is not None else contextlib.nullcontext():
+            if cal is not None and cfg.init == "pca":
+                model.init_info = init_mod.pca_init_(model, cal)
+            if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
+                model.measure_clone_scales_(cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
         raise ConfigError(f"cannot build the student of {cfg.teacher}: {e}") from None
-    if cal is not None:
+    if cal is not None and cfg.clone_norm == "target":
+        sc = model.clone_scale
+        say(f"clone    scales: the teacher's mean squares over {cal.numel():,} training tokens, "
+            f"{sc.min().item():.3g} .. {sc.max().item():.3g}")
+    if cal is not None and cfg.init == "pca":
         i = model.init_info
         say(f"init     pca on {i['tokens']:,} training tokens in {i['seconds']:.1f}s (basis {i['basis']}, "
             f"captures {100 * i['energy_fraction']:.1f}% of the residual stream's energy)")
@@ -97,6 +112,11 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None):
                 f"the basin the calibration found; peak rates of 1e-5 to 3e-5 kept it in the measured runs "
                 f"(bench/results/init_pca_lr.md)")
     return model
+
+
+def _student_buffers(model) -> dict:
+    """The student's buffers (clone_scale), saved with the parameters so a resume never re-measures."""
+    return {n: b for n, b in model.named_buffers() if not n.startswith("teacher.")}
 
 
 def resolve_device(cfg: TrainConfig):
@@ -144,7 +164,7 @@ def auto_dtype(device) -> tuple[str, str]:
 def resume_config(ckpt: Path, given: dict) -> TrainConfig:
     """The checkpoint's own config, with the settings given now laid over it; settings that
     change the numbers must agree."""
-    saved = config.from_dict(checkpoint.read_state(ckpt)["config"], f"{ckpt}/state.json")
+    saved = config.from_dict(checkpoint.read_state(ckpt)["config"], f"{ckpt}/state.json", saved=True)
     for k, v in given.items():
         if k in config.RUN_IDENTITY and v != getattr(saved, k):
             raise ConfigError(f"--resume: {config._flag(k)} {v} differs from the run's {getattr(saved, k)} "
@@ -312,15 +332,25 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     t_start = time.time()
     out = Path(cfg.output_dir)
     say(f"lrc_ext.train -> {out}")
+    # FSDP: the teacher on the meta device, sharded, then each rank reads its shard (lrc_ext/
+    # distributed.py); a fresh --init pca or --clone-norm target run measures the whole teacher
+    # before wrapping, so it loads it whole.
+    meta = par.mode == "fsdp" and ((cfg.init != "pca" and cfg.clone_norm != "target") or resume_from is not None)
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
-        teacher, tok, src = teacher_mod.load(cfg.teacher)
-        data = data_mod.build(cfg, tok)
+        teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype), meta=meta)
+        data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
-        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params")
+        f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held in "
+        f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     say(f"data     {cfg.data}: {data.describe()}")
-    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device)
+    rss0 = teacher_mod.host_rss()
+    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
+    rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
+    meta = getattr(teacher, "lrc_meta", False)  # False when the source had no local safetensors
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
+    if meta:
+        par.load_teacher(model.teacher, src, device)
     trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
                       tokenizer=tok, out=out)
     trainer.t_start = t_start
@@ -336,6 +366,11 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
             f"{cfg.micro_batch_size // par.world} of each micro-batch's {cfg.micro_batch_size} sequences a rank; "
             f"parameters a rank: teacher {b['teacher_local'] / 2**20:.2f} of {b['teacher_full'] / 2**20:.2f} MiB, "
             f"student {b['student_local'] / 2**20:.2f} of {b['student_full'] / 2**20:.2f} MiB")
+        grew = ", ".join(f"{x:.0f}" for x in par.all_gather_float(rss_grew / 2**20))
+        how = ("teacher built on the meta device, each rank read its shard after wrapping" if meta
+               else "the whole teacher on each rank")
+        say(f"memory   host RSS a rank for the teacher and student before wrapping: {grew} MiB ({how}; "
+            f"the whole teacher is {b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
 
 
@@ -394,6 +429,8 @@ class Trainer:
             checkpoint.load_optimizer_state(self.opt, self.names, o_sd, st["optimizer"])
             checkpoint.set_rng_state(st["rng"])
             self.progress = Progress(st["step"], st["tokens"], st["data_pos"], st["elapsed_s"])
+            if hasattr(self.data, "load_state_dict"):  # a stream's own position; a store checks it is the same text
+                self.data.load_state_dict(st.get("data_state"))
             if par.is_main:
                 lines = self.log_path.read_text().splitlines() if self.log_path.exists() else []
                 kept = [ln for ln in lines if _logged_step(ln) <= self.progress.step]  # drop steps after the checkpoint
@@ -410,12 +447,15 @@ class Trainer:
     def save(self):
         """Checkpoint the current step: every rank gathers (collectives under FSDP), rank 0 writes."""
         full = {n: self.par.full(p) for n, p in zip(self.names, self.params)}
+        full.update(_student_buffers(self.model))
         o_t, o_meta = checkpoint.optimizer_state(self.opt, self.names)
         if not self.par.is_main:
             return None
         p = self.progress
         state = {"step": p.step, "tokens": p.tokens, "data_pos": p.pos, "elapsed_s": p.elapsed,
                  "config": self.cfg.to_dict(), "optimizer": o_meta}
+        if hasattr(self.data, "state_dict"):
+            state["data_state"] = self.data.state_dict()
         return checkpoint.save(self.ckpt_root, p.step, full, o_t, state, self.cfg.keep_checkpoints)
 
     # ---- one optimiser step ----------------------------------------------------------------------
@@ -581,13 +621,18 @@ def finish(t: Trainer) -> int:
     if device.type == "cuda":
         peak = par.all_gather_float(torch.cuda.max_memory_allocated(device) / 2**30)
         say("memory   peak GPU memory allocated, per rank: " + ", ".join(f"{x:.2f}" for x in peak) + " GiB")
+    if par.active:
+        peak = par.all_gather_float(distributed.peak_rss() / 2**30)
+        say("memory   peak host RSS per rank up to the end of training: " + ", ".join(f"{x:.2f}" for x in peak)
+            + " GiB")
     model, teacher = t.model, t.teacher
     if par.mode == "fsdp":  # rank 0 exports from a plain copy: the full trainable state, the teacher reloaded
         from . import teacher as teacher_mod
         full = {n: par.full(p) for n, p in zip(t.names, t.params)}
+        full.update(_student_buffers(model))
         t.net = t.opt = t.params = None
         if par.is_main:
-            teacher, _, _ = teacher_mod.load(t.cfg.teacher)
+            teacher, _, _ = teacher_mod.load(t.cfg.teacher, dtype=next(t.teacher.parameters()).dtype)
             model = build_model(t.cfg, teacher, t.tokenizer)
             model.load_trainable_state_dict(full)
             model = model.to(device)
@@ -613,7 +658,9 @@ def export_and_verify(t: Trainer, model):
     data = t.data
     x = (data.eval if data.eval.shape[0] else data.batch(0, 1))[: t.cfg.micro_batch_size].to(t.device)
     with torch.no_grad():
-        diff = (model.student_logits(x).float() - stock(x).logits.float()).abs().max().item()
+        with t.amp:  # as trained: a bf16 teacher beside fp32 trainables needs the run's autocast
+            mine = model.student_logits(x).float()
+        diff = (mine - stock(x).logits.float()).abs().max().item()
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
         f"on a held-out batch: {diff:.3g}")

@@ -18,6 +18,11 @@ PYBIND11_MODULE(_C, m) {
 #else
   m.attr("with_cuda") = false;
 #endif
+#ifdef LRC_WITH_CUTLASS
+  m.attr("with_cutlass") = true;  // the CUTLASS sm90 clone_linear kernels
+#else
+  m.attr("with_cutlass") = false;
+#endif
 #ifdef LRC_WITH_OPENMP
   m.attr("with_openmp") = true;
 #else

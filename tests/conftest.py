@@ -21,3 +21,13 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _store_cache(tmp_path_factory):
+    """Raw --data is prepared into $LRC_STORE_CACHE: a temporary one for the whole session, so
+    neither in-process runs nor trainer subprocesses (their env copies os.environ) write to
+    the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LRC_STORE_CACHE", str(tmp_path_factory.mktemp("store_cache")))
+        yield

@@ -5,11 +5,13 @@ script runs, writes the JSON the collector reads, and that the collector and the
 formula do what they say.
 """
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "bench"
@@ -160,3 +162,116 @@ def test_gpu_suite_script_parses(tmp_path):
                                       "LRC_SUITE_WORK": str(tmp_path / "work")})
     assert r.returncode == 2 and "unknown stage" in r.stdout
     assert not (tmp_path / "out").exists()  # refused before touching anything
+
+
+def test_gpu_suite_cpu_build_stage_records_cutlass(tmp_path):
+    """On a CPU machine `info build` records the CUTLASS check as skipped (with what
+    lrc_ext.info said), writes the results and drops the partial archive."""
+    env = dict(os.environ, OUT=str(tmp_path / "out"), LRC_SUITE_WORK=str(tmp_path / "work"), PYTHON=sys.executable)
+    env.pop("LRC_SUITE_ASSUME_GPU", None)
+    r = subprocess.run(["bash", str(TOOLS / "gpu_suite.sh"), "info", "build"], capture_output=True, text=True,
+                       cwd=ROOT, env=env, timeout=240)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    steps = {s["step"]: s for s in map(json.loads, (tmp_path / "work" / "steps.jsonl").read_text().splitlines())}
+    c = steps["cutlass_built"]
+    assert c["status"] == "skipped" and "cutlass_kernels=" in c["note"], c
+    info = json.loads((tmp_path / "work" / "lrc_ext_info.json").read_text())
+    assert f"cutlass_kernels={str(info['cutlass_kernels']).lower()}" in c["note"]
+    out = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert any(n.startswith("results-") and n.endswith(".json") for n in out), out
+    assert not any(n.startswith("partial") for n in out), out
+
+
+# ----------------------------------------------------------------------------- bench_clone_linear's cutlass variant
+
+def test_bench_clone_linear_cutlass_skipped_on_cpu(tmp_path):
+    out = tmp_path / "cl.json"
+    r = run([BENCH / "bench_clone_linear.py", "--quick", "--device", "cpu", "--no-compile", "--cases", "in:72:fp16",
+             "--json", out])
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    d = json.loads(out.read_text())
+    check_meta(d)
+    rows = {row["variant"]: row for row in d["rows"]}
+    assert set(rows) == {"eager", "ours", "cutlass", "bare"}
+    assert rows["cutlass"]["status"] == "skipped" and "CUDA" in rows["cutlass"]["note"]
+    assert rows["ours"]["status"] == "ok" and rows["ours"]["dtype"] == "fp16"
+    assert d["config"]["cases"] == ["in:72:fp16"] and not d["errors"]
+    t = {x["key"]: x for x in d["targets"]}
+    for k in ("clone_linear.cutlass.ratio_vs_bare_gemm", "clone_linear.cutlass.speedup_vs_eager",
+              "clone_linear.cutlass.speedup_vs_compile", "clone_linear.cutlass.speedup_vs_ours",
+              "clone_linear.cutlass.err_vs_eager"):
+        assert k in common.TARGETS and t[k]["value"] is None and "cutlass skipped" in t[k]["note"], t[k]
+    assert "| cutlass" in r.stdout and "skipped" in r.stdout
+
+
+def test_bench_clone_linear_bad_case():
+    r = run([BENCH / "bench_clone_linear.py", "--quick", "--device", "cpu", "--no-compile", "--cases", "in:72:fp8"])
+    assert r.returncode != 0 and "bad case 'in:72:fp8'" in r.stderr
+
+
+TINY = dict(n=24, d_t=16, d_s=8, widths=(16,), dtype=torch.float32, extra=())
+
+
+def test_bench_clone_linear_refuses_untaken_path(monkeypatch):
+    """Where the cutlass variant could run but choose() says cuBLAS, the row fails: it is
+    never timed as if it were the CUTLASS path."""
+    import bench_clone_linear as bcl
+    monkeypatch.setattr(bcl, "cutlass_unavailable", lambda dev, dt: None)
+    rows = bcl.run_case("cpu", "in", 16, torch.float32, TINY, ("eager", "ours", "cutlass", "bare"), None, 1, 0)
+    row = next(r for r in rows if r["variant"] == "cutlass")
+    assert row["status"] == "failed" and "choose() picked 'cublas'" in row["error"] and "ms" not in row
+    ratios = [bcl.case_ratios(rows, "in", 16, "fp32")]
+    t = {x["key"]: x for x in bcl.targets_of(rows, ratios, cuda=True, quick=False, mode=None, n_cases=1,
+                                               partial=False)}
+    assert "cutlass failed on 1 of 1 cases" in t["clone_linear.cutlass.speedup_vs_eager"]["note"]
+    assert t["clone_linear.speedup_vs_eager"].get("note") is None  # ours is unaffected
+
+
+def test_bench_clone_linear_cutlass_checks_the_kernels_ran(monkeypatch):
+    import bench_clone_linear as bcl
+    from lrc_ext.ops import _cutlass
+    monkeypatch.setattr(_cutlass, "choose", lambda *a: "cutlass")
+    x, w, p, t = torch.ones(4, 8), torch.ones(16, 8), torch.ones(8, 8), torch.ones(4, 16)
+    monkeypatch.setattr(_cutlass, "forward", lambda *a: None)  # the op would take cuBLAS after all
+    assert "did not run the CUTLASS kernels" in bcl.cutlass_not_taken(lambda: _cutlass.forward(), x, w, p, t, "in")
+    assert "did not run" in bcl.cutlass_not_taken(lambda: None, x, w, p, t, "in")  # no call at all
+    monkeypatch.setattr(_cutlass, "forward", lambda *a: (1, 2, 3))
+    assert bcl.cutlass_not_taken(lambda: _cutlass.forward(), x, w, p, t, "in") is None
+
+
+def test_bench_clone_linear_cutlass_variant_wiring(monkeypatch):
+    """With a stand-in for the kernels (the same math in torch), every call of the cutlass
+    variant runs under forced(True) and takes the path; ours never does, with LRC_CUTLASS=1
+    in the environment too; the cutlass ratios and targets come out."""
+    import bench_clone_linear as bcl
+    from lrc_ext.ops import _cutlass
+    monkeypatch.setenv(_cutlass.ENV, "1")
+    monkeypatch.setattr(bcl, "cutlass_unavailable", lambda dev, dt: None)
+    monkeypatch.setattr(_cutlass, "choose", lambda *a: "cutlass" if _cutlass._forced else "cublas")
+    taken = []
+
+    def fake(x, w_s, bias, target, proj, side_out):
+        if _cutlass.choose(x, w_s, bias, target, proj, side_out) != "cutlass":
+            return None
+        taken.append(1)
+        y = x @ w_s.t()
+        d = y - (target @ proj if side_out else target)
+        return y, d, (d.float() ** 2).mean()
+    monkeypatch.setattr(_cutlass, "forward", fake)
+    for side in ("in", "out"):
+        taken.clear()
+        rows = bcl.run_case("cpu", side, 16, torch.float32, TINY, ("eager", "ours", "cutlass", "bare"), None, 2, 1)
+        by = {r["variant"]: r for r in rows}
+        assert all(r["status"] == "ok" for r in rows), rows
+        # the check's call, first call, 1 warm-up, 2 timed, peak memory, saved bytes: all through the path
+        assert len(taken) == 7, len(taken)
+        assert by["cutlass"]["err_vs_eager"] < 1e-5 and by["ours"]["err_vs_eager"] < 1e-5
+        r = bcl.case_ratios(rows, side, 16, "fp32")
+        assert r["ours/cutlass"] == by["ours"]["ms"] / by["cutlass"]["ms"]
+        assert r["cutlass/bare"] == by["cutlass"]["ms"] / by["bare"]["ms"]
+        t = {x["key"]: x for x in bcl.targets_of(rows, [r], cuda=True, quick=False, mode="default", n_cases=1,
+                                                   partial=False)}
+        assert t["clone_linear.cutlass.ratio_vs_bare_gemm"]["value"] == r["cutlass/bare"]
+        assert t["clone_linear.cutlass.ratio_vs_bare_gemm"].get("note") is None
+        assert "max-autotune" in t["clone_linear.cutlass.speedup_vs_compile"]["note"]
+        assert t["clone_linear.cutlass.err_vs_eager"]["value"] == by["cutlass"]["err_vs_eager"]

@@ -132,6 +132,105 @@ def test_fp64_matches_reference(shape, side, bias, target):
         torch.testing.assert_close(v, ref[k].to(v.dtype), rtol=1e-5, atol=1e-7, msg=lambda m: f"{k} vs reference: {m}")
 
 
+# ----------------------------------------------------------------------------- per-row weights
+
+def weights(lead, kind, device):
+    """Row weights of x's leading shape: 0/1 (first row and every third dropped), general
+    non-negative, or all zero."""
+    n = 1
+    for v in lead:
+        n *= v
+    if kind == "mask":
+        w = torch.ones(n, dtype=torch.float64)
+        w[::3] = 0.0
+        if n > 1:
+            w[-1] = 1.0  # at least one kept row
+    elif kind == "general":
+        w = torch.linspace(0.0, 2.5, n, dtype=torch.float64) ** 2
+        w[-1] = 0.75
+    else:
+        w = torch.zeros(n, dtype=torch.float64)
+    return w.reshape(lead).to(torch.float32).to(device)
+
+
+def exact_weighted(rw):
+    """fp64, from the definition: sum_r w_r sum_c (y - t')^2 / (sum_r w_r * cols), 0 if sum(w) = 0."""
+    def fn(x, w, p, b, t, side):
+        y, _ = exact(x, w, p, b, None, side)
+        tg = t.double() if side == "in" else t.double() @ p.double()
+        d2 = ((y - tg) ** 2).sum(-1)
+        wr = rw.double().to(d2.device)
+        den = wr.sum() * y.shape[-1]
+        return y, (wr * d2).sum() / (den if den > 0 else 1.0)
+    return fn
+
+
+def weighted(fn, rw):
+    return lambda x, w, p, b, t, side: fn(x, w, p, b, t, side, row_weight=rw)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("side, bias", CASES)
+@pytest.mark.parametrize("kind", ["mask", "general", "zero"])
+def test_row_weight_fp64_matches_reference(shape, side, bias, kind):
+    x, w, p, b, t = make(side, *shape, torch.float64, "cpu", bias=bias)
+    rw = weights(shape[0], kind, "cpu")
+    ours = run(weighted(clone_linear, rw), x, w, p, b, t, side, grad_all=True)
+    ref = run(weighted(clone_linear_reference, rw), x, w, p, b, t, side, grad_all=True)
+    ex = run(exact_weighted(rw), x, w, p, b, t, side, grad_all=True)
+    for k, v in ours.items():
+        if v is None:
+            continue
+        torch.testing.assert_close(v, ex[k], rtol=1e-10, atol=1e-12, msg=lambda m: f"{k} vs exact: {m}")
+        torch.testing.assert_close(v, ref[k].to(v.dtype), rtol=1e-5, atol=1e-7, msg=lambda m: f"{k} vs reference: {m}")
+    if kind == "zero":
+        assert ours["mse"].item() == 0.0
+    # all-ones weights: no weights at all (to rounding: 1/cols then / N, vs 1/(N cols))
+    ones = run(weighted(clone_linear, torch.ones_like(rw)), x, w, p, b, t, side, grad_all=True)
+    plain = run(clone_linear, x, w, p, b, t, side, grad_all=True)
+    for k, v in plain.items():
+        if v is not None:
+            torch.testing.assert_close(v, ones[k], rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side, bias", CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_weight_fp32_bf16(device, side, bias, dtype):
+    for shape in SHAPES:
+        x, w, p, b, t = make(side, *shape, dtype, device, bias=bias)
+        rw = weights(shape[0], "mask", device)
+        ours = run(weighted(clone_linear, rw), x, w, p, b, t, side, grad_all=dtype == torch.float32)
+        ex = run(exact_weighted(rw), x, w, p, b, t, side, grad_all=dtype == torch.float32)
+        for k, v in ours.items():
+            if v is not None:
+                assert relerr(v, ex[k]) < (1e-4 if dtype == torch.float32 else 1.5e-2), (shape, k, relerr(v, ex[k]))
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_row_weight_gradcheck_and_opcheck(side):
+    x, w, p, b, t = make(side, (2, 3), 5, 4, 6, torch.float64, "cpu")
+    rw = weights((2, 3), "general", "cpu")
+    leaves = [v.requires_grad_() for v in (x, w, p, t)]
+    assert torch.autograd.gradcheck(lambda x, w, p, t: clone_linear(x, w, p, None, t, side, row_weight=rw), leaves)
+    x, w, p, b, t = make(side, (6,), 8, 5, 7, torch.float32, "cpu")
+    p.requires_grad_()
+    torch.library.opcheck(torch.ops.lrc_ext.clone_linear.default,
+                          (x, w, p, None, t, side == "out", side == "out", weights((6,), "mask", "cpu")))
+
+
+def test_row_weight_bad_input():
+    x, w, p, b, t = make("in", (6,), 8, 5, 7, torch.float32, "cpu")
+    rw = torch.ones(6)
+    for kw, match in ((dict(row_weight=rw[:-1], target=t), "argument 'row_weight' must have shape \\(6,\\)"),
+                      (dict(row_weight=rw), "needs a target"),
+                      (dict(row_weight=[1.0] * 6, target=t), "argument 'row_weight' must be a torch.Tensor")):
+        with pytest.raises((ValueError, TypeError), match=match):
+            clone_linear(x, w, p, **kw)
+    with pytest.raises(ValueError, match="argument 'row_weight' has dtype float64"):
+        torch.ops.lrc_ext.clone_linear(x, w, p, None, t, False, False, rw.double())
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side, bias", CASES)
 def test_fp32_matches_reference(device, side, bias):

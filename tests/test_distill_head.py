@@ -182,16 +182,50 @@ def test_fp16_cuda_within_reference_error():
 
 # ----------------------------------------------------------------------------- edge cases
 
+def plain(h_s, h_t, w, p, labels, up=(1.0, 1.0), tau=40.0, kl_reduction="batchmean", batch_size=None,
+          tau_squared=False):
+    """Independent fp64 oracle from the definitions on full logits: CE over the labelled rows
+    (label != -100), KL(p_T || p_S) at tau over EVERY row; autograd for the gradients."""
+    h_s = h_s.detach().cpu().double().requires_grad_(True)
+    p = p.detach().cpu().double().requires_grad_(True)
+    w, h_t, labels = w.detach().cpu().double(), h_t.detach().cpu().double(), labels.cpu()
+    z_s, z_t = h_s @ (w @ p).t(), h_t @ w.t()
+    lab = labels != -100
+    ls = z_s - z_s.logsumexp(-1, keepdim=True)
+    ce = -ls[lab].gather(1, labels[lab][:, None]).sum() / max(int(lab.sum()), 1)
+    lps, lpt = torch.log_softmax(z_s / tau, -1), torch.log_softmax(z_t / tau, -1)
+    kl = (lpt.exp() * (lpt - lps)).sum()
+    kl = kl / (h_s.shape[0] if kl_reduction == "token" else (batch_size or 1)) * (tau * tau if tau_squared else 1.0)
+    (up[0] * ce + up[1] * kl).backward()
+    return ce.detach(), kl.detach(), h_s.grad, p.grad
+
+
 @pytest.mark.parametrize("device", DEVICES)
-def test_all_ignored_gives_zero(device):
+@pytest.mark.parametrize("unlabelled", [(), (0,), (1, 3, 4, 6), tuple(range(7))], ids=["none", "first", "some", "all"])
+@pytest.mark.parametrize("kw", [dict(batch_size=3), dict(kl_reduction="token", tau=2.0, tau_squared=True)],
+                         ids=["batchmean", "token"])
+def test_kl_over_every_row_ce_over_labelled(device, unlabelled, kw, bwd_mode):
+    # chunk_size 3: chunks straddle the labelled / unlabelled boundary
+    dtype = torch.float64 if device == "cpu" else torch.float32
+    x = make(7, 8, 16, 1000, dtype, device, ignored=unlabelled, seed=5)
+    want = plain(*x, up=(0.7, 1.3), **kw)
+    tol = 1e-9 if dtype == torch.float64 else 1e-4
+    assert_matches(run(distill_head, *x, up=(0.7, 1.3), chunk_size=3, **kw), want, (tol, tol), tol, "fused")
+    assert_matches(oracle(*x, up=(0.7, 1.3), **kw), want, (1e-9, 1e-9), 1e-9, "reference")
+    assert dh.last_plan["rows"] == 7 and dh.last_plan["labelled"] == 7 - len(unlabelled)
+    if len(unlabelled) == 7:  # no label at all: the CE is 0 (no NaN), the KL is still there
+        lm, kl, _, _ = run(distill_head, *x, **kw)
+        assert lm.item() == 0.0 and kl.item() > 0.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_unlabelled_rows_without_kl_count_in_nothing(device):
     dtype = torch.float64 if device == "cpu" else torch.float32
     x = make(4, 8, 16, 1000, dtype, device, ignored=range(4))
-    for kw in (dict(), dict(kl_reduction="token"), dict(tau_squared=True, batch_size=3)):
-        lm, kl, gh, gp = run(distill_head, *x, up=(0.3, 0.9), **kw)
-        assert lm.item() == 0.0 and kl.item() == 0.0
-        assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gp) == 0
-        ref = oracle(*x, **kw)
-        assert ref[0].item() == 0.0 and ref[1].item() == 0.0
+    lm, kl, gh, gp = run(distill_head, *x, up=(0.3, 0.9), kl_weight=0.0)
+    assert lm.item() == 0.0 and kl.item() == 0.0
+    assert torch.count_nonzero(gh) == 0 and torch.count_nonzero(gp) == 0
+    assert dh.last_plan["rows"] == 0
 
 
 @pytest.mark.parametrize("device", DEVICES)

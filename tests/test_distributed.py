@@ -204,3 +204,103 @@ def test_fsdp_gathers_one_teacher_layer_at_a_time():
     assert seen["after_forward"] == seen["after_backward"] == seen["after_teacher_alone"] == ()
     b = seen["bytes"]
     assert b["teacher_local"] <= b["teacher_full"] / 2 + 4096 and b["student_local"] <= b["student_full"] / 2 + 4096
+
+
+# ---- FSDP2 with a meta-device teacher: each rank reads its own shard ------------------------
+
+def _meta_probe(rank, world, port, root, q):
+    """Today's path (the whole teacher on every rank, then sharded) and the meta-device path
+    (sharded first, each rank reading its rows from the safetensors) on the same tiny teacher:
+    the same losses and gradient shards over two optimiser steps."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    from lrc_ext import teacher as teacher_mod
+    from lrc_ext.distributed import Parallel
+    from lrc_ext.model import LowRankClone
+    par = Parallel("fsdp")
+    par.init("cpu", 60)
+    try:
+        res = {}
+        for meta in (False, True):
+            t, _, src = teacher_mod.load(root, meta=meta)
+            res[f"meta_before_wrap_{meta}"] = all(p.is_meta for p in t.parameters())
+            torch.manual_seed(0)
+            model = LowRankClone(t, 32, param_dtype=torch.float32)
+            par.wrap(model, torch.device("cpu"), find_unused=False)
+            if meta:
+                par.load_teacher(model.teacher, src, torch.device("cpu"))
+            opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+            x = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(rank))
+            losses, grads = [], []
+            for _ in range(2):
+                out = model(x)
+                out.loss.backward()
+                losses.append(out.loss.item())
+                grads.append([p.grad.to_local().clone() for p in model.parameters() if p.requires_grad])
+                opt.step()
+                opt.zero_grad()
+            res[meta] = (losses, grads)
+        same = res[False][0] == res[True][0] and all(
+            torch.equal(a, b) for ga, gb in zip(res[False][1], res[True][1]) for a, b in zip(ga, gb))
+        q.put((rank, same, res[False][0], res[True][0], res["meta_before_wrap_True"], res["meta_before_wrap_False"]))
+    finally:
+        par.barrier()
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+def test_fsdp_meta_teacher_matches_the_whole_teacher_path(tmp_path):
+    import socket
+
+    import torch.multiprocessing as mp
+    from _tiny import tiny_teacher
+    from test_train import build_tokenizer
+    root = tmp_path / "teacher"
+    tiny_teacher("llama", layers=3, tie=True).save_pretrained(root)  # tied: the LM head is the embedding
+    build_tokenizer().save_pretrained(root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_meta_probe, args=(r, 2, port, str(root), q)) for r in range(2)]
+    for p in procs:
+        p.start()
+    try:
+        got = [q.get(timeout=120) for _ in procs]
+    finally:
+        for p in procs:
+            p.join(30)
+            if p.is_alive():
+                p.kill()
+    for rank, same, want, meta_losses, was_meta, whole_was_meta in got:
+        assert was_meta and not whole_was_meta, rank  # nothing of the teacher real before wrapping
+        assert same, (rank, want, meta_losses)        # bit for bit: same shards, same order of sums
+        assert len(set(want)) == 2                    # the optimiser step changed the loss
+
+
+def test_fsdp_no_rank_holds_the_whole_teacher_before_wrapping(tiny, tmp_path):
+    """A teacher of 65 MB in bf16 (two 65536 x 256 embeddings): under --parallel fsdp the resident
+    memory each rank's teacher and student take before wrapping (the trainer measures it from
+    /proc/self/statm around building them and reports it) is under half the whole teacher;
+    loading the whole teacher (converted from the fp32 file, so resident) takes all of it. An
+    fp32 teacher loaded whole is a lazy memory map of the file: resident only where touched."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from test_train import build_tokenizer
+    root = tmp_path / "teacher"
+    cfg = AutoConfig.for_model("llama", hidden_size=256, intermediate_size=256, num_hidden_layers=1,
+                               num_attention_heads=4, num_key_value_heads=2, vocab_size=65536,
+                               max_position_embeddings=512, tie_word_embeddings=False)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(root)
+    build_tokenizer().save_pretrained(root)
+    r = ok(run2(args_for(tiny, tmp_path / "o", **{"--teacher": root, "--parallel": "fsdp", "--max-steps": 1,
+                                                     "--eval-tokens": 0, "--save-every": 0,
+                                                     "--dtype": "bfloat16"})))
+    line = next(ln for ln in r.stdout.splitlines() if ln.startswith("memory   host RSS a rank for the teacher"))
+    grew = [float(x) for x in line.split(": ")[1].split(" MiB")[0].split(", ")]
+    whole = float(line.split("the whole teacher is ")[1].split()[0])
+    assert len(grew) == 2 and whole > 60, line  # bf16: 65 MB
+    assert all(g < 0.5 * whole for g in grew), line
+    assert "peak host RSS per rank up to the end of training" in r.stdout

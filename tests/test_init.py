@@ -78,7 +78,7 @@ def low_rank_teacher(family, tie, rank=20, leak=0.05, seed=0):
     return t
 
 
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen3", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen3", False), ("gemma3_text", True), ("phi3", False)])
 def test_pca_below_width_is_much_closer_than_normal(family, tie):
     teacher = low_rank_teacher(family, tie)
     cal, ev = _ids(32, 32, 7), _ids(4, 32, 8)

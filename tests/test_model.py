@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _tiny import one_thread_per_module  # noqa: F401  (an autouse fixture)
 from _tiny import D_T, FAMILIES, VOCAB, randomize_, tiny_config, tiny_teacher, tiny_tokenizer
 
 import lrc_ext
@@ -20,16 +21,17 @@ from lrc_ext.init import identity_ as set_identity_
 # Written out here (not imported from lrc_ext) so the oracle does not share the model's tables.
 LINEARS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "gate": "mlp.gate_proj",
            "up": "mlp.up_proj", "o": "self_attn.o_proj", "down": "mlp.down_proj"}
+# Phi-3 fuses them: module -> kinds in row order (split sizes from the config, below).
+FUSED = {"self_attn.qkv_proj": ("q", "k", "v"), "mlp.gate_up_proj": ("gate", "up")}
 D_S = 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # Tiny matrices: extra threads only add contention (10x slower on a loaded 2-core box).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def fused_sizes(cfg, name):
+    if name == "mlp.gate_up_proj":
+        return [cfg.intermediate_size] * 2
+    hd = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return [cfg.num_attention_heads * hd] + [cfg.num_key_value_heads * hd] * 2
+
 
 
 def batch(b=2, s=10, lens=(7, 10), left=True, seed=0):
@@ -50,10 +52,18 @@ def positions(am):
 def run_hooked(model, ids, am):
     """Stock forward; per (layer, kind): (input, output) of each linear."""
     got, hooks = {}, []
+
+    def split(i, name):
+        sizes = fused_sizes(model.config, name)
+        return lambda m, inp, out: got.update({(i, k): (inp[0], o) for k, o in zip(FUSED[name], out.split(sizes, -1))})
     for i, layer in enumerate(model.model.layers):
         for kind, name in LINEARS.items():
-            hooks.append(layer.get_submodule(name).register_forward_hook(
-                lambda m, inp, out, key=(i, kind): got.__setitem__(key, (inp[0], out))))
+            if hasattr(layer.get_submodule(name.split(".")[0]), name.split(".")[1]):
+                hooks.append(layer.get_submodule(name).register_forward_hook(
+                    lambda m, inp, out, key=(i, kind): got.__setitem__(key, (inp[0], out))))
+        for name in FUSED:
+            if hasattr(layer.get_submodule(name.split(".")[0]), name.split(".")[1]):
+                hooks.append(layer.get_submodule(name).register_forward_hook(split(i, name)))
     try:
         logits = model(input_ids=ids, attention_mask=am, position_ids=positions(am)).logits
     finally:
@@ -64,7 +74,7 @@ def run_hooked(model, ids, am):
 
 # ---- identity oracle ------------------------------------------------------------------------
 @pytest.mark.parametrize("family,tie,attn", [(f, t, "sdpa") for f in FAMILIES for t in (False, True)] + [
-    ("llama", False, "eager"), ("qwen3", True, "eager")])
+    ("llama", False, "eager"), ("qwen3", True, "eager"), ("gemma3_text", True, "eager"), ("phi3", False, "eager")])
 def test_identity_oracle(family, tie, attn):
     teacher = tiny_teacher(family, tie=tie, attn=attn)
     model = LowRankClone(teacher, D_T)
@@ -91,14 +101,58 @@ OPTIONS = [
     dict(tau=2.0, tau_squared=True, kl_reduction="token"),
     dict(use_lm=False, clone_kinds=("gate", "down")),
     dict(use_kl=False, use_clone=False),  # LM only: the teacher is not run
+    dict(clone_norm="target"),
+    dict(clone_exclude="first", clone_kinds=("q", "o", "down")),
+    dict(clone_exclude="outliers", _k=1.05),  # a small k, so that the tiny teacher has outliers
+    dict(clone_norm="target", clone_exclude="first,outliers", _k=1.2, attn_clone_space="teacher"),
+    dict(clone_norm="target", clone_exclude="first", init="pca"),  # the pca init's walk, then the scales
 ]
 
 
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False)])
+def kept_rows(teacher, ids, am, opts):
+    """Per layer: which valid rows the clone terms keep, from the definitions (independent of
+    the model's code): position 0 of each sequence out for "first"; for "outliers" the tokens
+    whose residual norm at the layer's input is over k x the median over the valid tokens."""
+    valid = am.bool().reshape(-1)
+    ex = opts.get("clone_exclude", "none")
+    with torch.no_grad():
+        hs = teacher(input_ids=ids, attention_mask=am, position_ids=positions(am), output_hidden_states=True).hidden_states
+    out = []
+    for i in range(teacher.config.num_hidden_layers):
+        keep = torch.ones(int(valid.sum()), dtype=torch.bool)
+        if "first" in ex:
+            keep &= positions(am).reshape(-1)[valid] != 0
+        if "outliers" in ex:
+            norm = hs[i].reshape(-1, hs[i].shape[-1])[valid].norm(dim=-1)
+            keep &= norm <= opts["_k"] * norm.median()
+        out.append(keep)
+    return out
+
+
+def teacher_scales(teacher, cal, opts):
+    """clone_norm "target": per (layer, kind) mean square of the teacher's activation over the
+    calibration rows the clone loss keeps."""
+    am = torch.ones_like(cal)
+    with torch.no_grad():
+        _, acts = run_hooked(teacher, cal, am)
+    keeps = kept_rows(teacher, cal, am, opts)
+    return {(i, k): (acts[(i, k)][1].reshape(-1, acts[(i, k)][1].shape[-1])[keeps[i]] ** 2).mean()
+            for i in range(len(keeps)) for k in LINEARS}
+
+
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", False), ("mistral", False),
+                                        ("gemma3_text", True), ("phi3", False)])
 @pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "default")
-def test_losses_match_plain_fp64(family, tie, opts):
+@pytest.mark.parametrize("fused", [False, True], ids=["reference", "fused"])
+def test_losses_match_plain_fp64(family, tie, opts, monkeypatch, fused):
     teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
-    model = LowRankClone(teacher, D_S, fused=False, **opts)
+    if "_k" in opts:
+        monkeypatch.setattr(lrc_ext.model, "OUTLIER_K", opts["_k"])
+    kw = {k: v for k, v in opts.items() if not k.startswith("_")}
+    cal = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+    if opts.get("clone_norm") == "target" or opts.get("init") == "pca":
+        kw["calibration"] = cal
+    model = LowRankClone(teacher, D_S, fused=fused, **kw)
     with torch.no_grad():  # norms away from their init so any mix-up shows
         for n, p in model.named_parameters():
             if p.requires_grad and p.dim() == 1:
@@ -117,9 +171,13 @@ def test_losses_match_plain_fp64(family, tie, opts):
     tau, alpha = opts.get("tau", 40.0), opts.get("alpha", 0.5)
     kinds = [] if opts.get("use_clone") is False else opts.get("clone_kinds", list(LINEARS))
     valid = am.bool().reshape(-1)
+    keeps = kept_rows(teacher, ids, am, opts)
+    target_norm = opts.get("clone_norm") == "target"
+    scales = teacher_scales(teacher, cal, opts) if target_norm else None
+    n_terms = len(model.layers) * len(kinds)
 
-    def mse(a, b):
-        d = (a - b).reshape(-1, a.shape[-1])[valid]
+    def mse(a, b, i):
+        d = (a - b).reshape(-1, a.shape[-1])[valid][keeps[i]]
         return (d * d).mean()
 
     clone = {}
@@ -129,21 +187,26 @@ def test_losses_match_plain_fp64(family, tie, opts):
             (x_s, y_s), (_, y_t) = s_acts[(i, kind)], t_acts[(i, kind)]
             p = getattr(sl, kind).proj.detach()
             if kind == "o" and opts.get("attn_clone_space") == "teacher":
-                total += mse(x_s @ teacher.model.layers[i].self_attn.o_proj.weight.t(), y_t)
+                term = mse(x_s @ teacher.model.layers[i].self_attn.o_proj.weight.t(), y_t, i)
             elif kind in ("o", "down"):
-                total += mse(y_s, y_t @ p)
+                term = mse(y_s, y_t @ p, i)
             else:
-                total += mse(y_s, y_t)
+                term = mse(y_s, y_t, i)
+            total += term / (scales[(i, kind)] * n_terms) if target_norm else term
         clone[kind] = total if kind in kinds else torch.zeros((), dtype=torch.float64)
+    if "outliers" in opts.get("clone_exclude", ""):
+        assert 0 < sum(int((~k).sum()) for k in keeps) < sum(k.numel() for k in keeps) / 2  # some rows out
 
     tgt = torch.full_like(labels, -100)
     tgt[:, :-1] = labels[:, 1:]
     tgt[(am == 0) | (torch.cat([am[:, 1:], torch.zeros_like(am[:, :1])], 1) == 0)] = -100
     keep = tgt != -100
     ce = F.cross_entropy(z_s[keep], tgt[keep])
-    lp_s, lp_t = F.log_softmax(z_s[keep] / tau, -1), F.log_softmax(z_t[keep] / tau, -1)
+    # the KL over every non-padded position (the last one and the -100 one included)
+    pos = am.bool()
+    lp_s, lp_t = F.log_softmax(z_s[pos] / tau, -1), F.log_softmax(z_t[pos] / tau, -1)
     kl = (lp_t.exp() * (lp_t - lp_s)).sum()
-    kl = kl / (keep.sum() if opts.get("kl_reduction") == "token" else ids.shape[0])
+    kl = kl / (pos.sum() if opts.get("kl_reduction") == "token" else ids.shape[0])
     kl = kl * tau * tau if opts.get("tau_squared") else kl
     lm = ce if opts.get("use_lm", True) else torch.zeros(())
     kl = kl if opts.get("use_kl", True) else torch.zeros(())
@@ -157,7 +220,8 @@ def test_losses_match_plain_fp64(family, tie, opts):
 
 
 # ---- gradients: only projections and student norms; the teacher never changes ----------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("qwen3", True), ("gemma3_text", True),
+                                        ("phi3", False)])
 def test_only_projections_and_norms_train(family, tie):
     teacher = tiny_teacher(family, tie=tie)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
@@ -166,6 +230,8 @@ def test_only_projections_and_norms_train(family, tie):
     for i in range(len(model.layers)):
         expected |= {f"layers.{i}.{k}.proj" for k in LINEARS}
         expected |= {f"layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+        if family == "gemma3_text":  # pre/post norms around both blocks
+            expected |= {f"layers.{i}.{n}.weight" for n in ("pre_feedforward_layernorm", "post_feedforward_layernorm")}
     assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
     assert model.p_head is None if tie else model.p_head is not model.p_emb
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)  # naive: every parameter
@@ -198,6 +264,7 @@ def test_trainable_state_dict_round_trip():
 ROUND_TRIPS = [(f, False, None) for f in FAMILIES] + [(f, True, None) for f in FAMILIES] + [
     ("llama", True, False),   # tied teacher, separate P_head: untied export
     ("qwen2", False, True),   # untied teacher, P_head = P_emb: still untied export
+    ("gemma3_text", True, False),  # tied Gemma teacher, untied export: only the embedding takes the scale fold
 ]
 
 
@@ -256,7 +323,7 @@ def test_export_loads_without_lrc_ext(tmp_path):
 
 
 # ---- padding ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text"])
 @pytest.mark.parametrize("left", [True, False])
 def test_padding_invariance(family, left):
     teacher = tiny_teacher(family)
@@ -313,7 +380,7 @@ def test_weights_formed_once_and_embedding_gathered(monkeypatch):
 
 
 # ---- fused switch -------------------------------------------------------------------------------
-@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False)])
+@pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False)])
 def test_fused_matches_reference(family, tie):
     """Whatever fused=True resolves to (the reference until the fused ops land) agrees."""
     teacher = tiny_teacher(family, tie=tie)
@@ -371,7 +438,7 @@ def test_cuda_matches_cpu():
 
 
 @pytest.mark.cuda
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma3_text", "phi3"])
 def test_cuda_bf16_fused_and_padding(family):
     teacher = tiny_teacher(family, dtype=torch.bfloat16).cuda()
     ref, fus = LowRankClone(teacher, D_S, fused=False), LowRankClone(teacher, D_S, fused=None)
@@ -415,7 +482,7 @@ def test_unexportable_width_names_nearest():
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda: _stock("gpt2"), "model_type 'gpt2' is not supported.*llama, qwen2, qwen3, mistral"),
+    (lambda: _stock("gpt2"), "model_type 'gpt2' is not supported.*llama, qwen2, qwen3, mistral, gemma3_text, phi3"),
     (lambda: _stock("mixtral"), "model_type 'mixtral' is not supported"),
     (lambda: tiny_teacher("qwen2", use_sliding_window=True, sliding_window=4, max_window_layers=0), "sliding-window"),
     (lambda: tiny_teacher("mistral", sliding_window=16), "sliding-window"),

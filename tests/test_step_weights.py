@@ -15,13 +15,16 @@ dh = importlib.import_module("lrc_ext.ops.distill_head")
 from lrc_ext.step_weights import StepWeights
 
 
-def _model(family, tie, fused):
+def _model(family, tie, fused, **kw):
     torch.manual_seed(0)
     teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
-    return LowRankClone(teacher, 40, fused=fused, alpha=0.3)
+    model = LowRankClone(teacher, 40, fused=fused, alpha=0.3, **kw)
+    if kw.get("clone_norm") == "target":
+        model.measure_clone_scales_(torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7)))
+    return model
 
 
-def _batches(accum):
+def _batches(accum, labels=False):
     g = torch.Generator().manual_seed(1)
     out = []
     for i in range(accum):
@@ -29,7 +32,11 @@ def _batches(accum):
         mask = torch.ones_like(ids)
         if i % 2:
             mask[0, :3] = 0  # left padding in every other micro-batch
-        out.append((ids, mask))
+        lab = None
+        if labels:  # a prompt without labels: its positions count in the KL, not in the CE
+            lab = ids.clone()
+            lab[:, :4] = -100
+        out.append((ids, mask, lab))
     return out
 
 
@@ -37,8 +44,8 @@ def _grads(model, batches, step_weights: bool):
     model.zero_grad(set_to_none=True)
     sw = StepWeights(model) if step_weights else None
     losses = []
-    for ids, mask in batches:
-        out = model(ids, attention_mask=mask)
+    for ids, mask, lab in batches:
+        out = model(ids, attention_mask=mask, labels=lab)
         (out.loss / len(batches)).backward()
         losses.append(out.loss.detach())
     if sw is not None:
@@ -47,10 +54,17 @@ def _grads(model, batches, step_weights: bool):
 
 
 @pytest.mark.parametrize("accum", [1, 2, 4])
-@pytest.mark.parametrize("family,tie,fused", [("llama", True, None), ("qwen2", False, None), ("llama", True, False)])
-def test_step_weights_same_gradients(accum, family, tie, fused):
-    model = _model(family, tie, fused)
-    batches = _batches(accum)
+@pytest.mark.parametrize("family,tie,fused,labels,kw", [
+    ("llama", True, None, False, {}), ("qwen2", False, None, False, {}), ("llama", True, False, False, {}),
+    # the loss options: KL over unlabelled positions, clone_norm target, clone_exclude (row weights)
+    ("llama", True, None, True, {"clone_norm": "target", "clone_exclude": "first,outliers"}),
+    ("qwen2", False, False, True, {"clone_exclude": "first"}),
+    # Gemma-3 (scaled, tied embedding), Phi-3 (fused teacher linears read as row slices)
+    ("gemma3_text", True, None, True, {"clone_exclude": "first"}), ("phi3", False, None, False, {}),
+])
+def test_step_weights_same_gradients(accum, family, tie, fused, labels, kw):
+    model = _model(family, tie, fused, **kw)
+    batches = _batches(accum, labels)
     ref, ref_losses = _grads(model, batches, step_weights=False)
     got, losses = _grads(model, batches, step_weights=True)
     assert set(got) == set(ref) and len(ref) == sum(p.requires_grad for p in model.parameters())
@@ -98,6 +112,46 @@ def test_clone_linear_ws_matches_reference(side):
     torch.autograd.gradcheck(lambda x_, w_: cl.clone_linear_ws(x_, w_, b, tgt, p.detach(), side)[1], (x, w_s))
 
 
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_clone_linear_ws_row_weight(side):
+    """row_weight (clone_exclude's 0/1 rows, or any non-negative weights): the weighted MSE of
+    the reference, and its gradients, from plain fp64 torch."""
+    torch.manual_seed(6)
+    d_t, d_s, out_t, n = 10, 4, 6, 7
+    w = torch.randn(out_t, d_t, dtype=torch.float64)
+    p = torch.randn(*((d_t, d_s) if side == "in" else (out_t, d_s)), dtype=torch.float64, requires_grad=True)
+    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
+    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    rw = torch.tensor([0.0, 1, 1, 0, 2.5, 1, 0.5])
+
+    def exact(x_, w_, t_, p_):
+        y = x_ @ w_.t()
+        d = y - (t_ @ p_ if side == "out" else t_)
+        r = rw.double()
+        return y, (r[:, None] * d * d).sum() / (r.sum() * d.shape[1])
+
+    y_ref, mse_ref = cl.clone_linear_ws_reference(x, w_s, None, tgt, p, side, row_weight=rw)
+    torch.testing.assert_close(mse_ref.double(), exact(x, w_s, tgt, p)[1], rtol=1e-6, atol=0)
+    grads = []
+    for f in (lambda *a: cl.clone_linear_ws(*a[:2], None, *a[2:], side, row_weight=rw), exact):
+        y, mse = f(x, w_s, tgt, p)
+        (y.square().sum() + 3 * mse).backward()
+        grads.append([t.grad.clone() for t in (x, w_s, p) if t.grad is not None])
+        for t in (x, w_s, p):
+            t.grad = None
+    assert len(grads[0]) == len(grads[1]) == (3 if side == "out" else 2)
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # every row excluded: the mean over no rows is 0, as in clone_linear
+    _, mse0 = cl.clone_linear_ws(x, w_s, None, tgt, p, side, row_weight=torch.zeros(n))
+    assert float(mse0) == 0.0
+    with pytest.raises(ValueError, match="row_weight"):
+        cl.clone_linear_ws(x, w_s, None, tgt, p, side, row_weight=rw[:3])
+    with pytest.raises(ValueError, match="needs a target"):
+        cl.clone_linear_ws(x, w_s, row_weight=rw)
+
+
 def test_clone_linear_ws_bad_input():
     x, w = torch.randn(3, 4), torch.randn(5, 6)
     with pytest.raises(ValueError, match="last dimension 6"):
@@ -133,8 +187,9 @@ def test_distill_head_ws_known_count_is_the_count():
     h_t, w_t = torch.randn(7, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
     w_s = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, 11, (7,))
+    labels[[1, 4]] = -100  # unlabelled rows: in the KL, not in the CE; n_valid counts the labelled ones
     res = []
-    for n_valid in (None, 7):
+    for n_valid in (None, 5):
         lm, kl = dh.distill_head_ws(h_s, h_t, w_t, w_s, labels, tau=3.0, n_valid=n_valid)
         (lm + 2 * kl).backward()
         res.append((lm.detach(), kl.detach(), h_s.grad.clone(), w_s.grad.clone()))

@@ -9,6 +9,7 @@ one thread, and runs sharing the machine disturb each other less).
 from __future__ import annotations
 
 import json
+import math
 import os
 import random
 import signal
@@ -258,6 +259,50 @@ def test_sigkill_during_save_then_resume_is_bit_exact(base_run, tiny, tmp_path):
     assert sorted(p.name for p in ck.iterdir()) == ["step_000006", "step_000008"]  # leftovers cleaned
 
 
+LOSS_OPTIONS = {"--clone-norm": "target", "--clone-exclude": "first,outliers", "--attn-clone-space": "teacher",
+                "--kl-reduction": "token", "--tau-squared": True, "--clone-kinds": "q,v,up,o,down",
+                "--calibration-tokens": 96}
+
+
+def test_resume_with_loss_options_is_bit_exact(tiny, tmp_path):
+    """Every loss switch on; SIGKILL mid-save, --resume: bit for bit the uninterrupted run, with
+    the clone scales loaded from the checkpoint (measured once, never again on resume)."""
+    from safetensors.torch import load_file
+    base, out = tmp_path / "base", tmp_path / "run"
+    r = ok(cli(*tiny_args(tiny, base, **LOSS_OPTIONS)))
+    assert "clone    scales" in r.stdout
+    r = cli(*tiny_args(tiny, out, **LOSS_OPTIONS), LRC_FAULT_KILL_DURING_SAVE="6")
+    assert r.returncode == -signal.SIGKILL
+    r = ok(cli(*tiny_args(tiny, out, **LOSS_OPTIONS), "--resume"))
+    assert "clone    scales" not in r.stdout  # not re-measured
+    assert losses(out) == losses(base)
+    saved = load_file(out / "checkpoints/step_000008/model.safetensors")
+    first = load_file(base / "checkpoints/step_000006/model.safetensors")
+    assert saved["clone_scale"].shape == (2, 7) and torch.isfinite(saved["clone_scale"]).all()
+    assert torch.equal(saved["clone_scale"], first["clone_scale"])  # fixed for the whole run
+    cfg = json.loads((out / "checkpoints/step_000008/state.json").read_text())["config"]
+    assert (cfg["clone_norm"], cfg["clone_exclude"], cfg["attn_clone_space"], cfg["kl_reduction"],
+            cfg["tau_squared"], cfg["clone_kinds"]) == ("target", "first,outliers", "teacher", "token", True,
+                                                        "q,v,up,o,down")
+
+
+def test_loss_flags_reach_the_model(tiny):
+    from lrc_ext import config, teacher as teacher_mod
+    from lrc_ext.train import build_model
+    cfg, _ = config.parse(["--teacher", str(tiny["teacher"]), "--student-hidden-size", "32", "--kl-reduction",
+                           "token", "--tau-squared", "--clone-kinds", "gate,q", "--attn-clone-space", "teacher",
+                           "--clone-exclude", "first"])
+    teacher, tok, _ = teacher_mod.load(cfg.teacher)
+    m = build_model(cfg, teacher, tok)
+    assert (m.kl_reduction, m.tau_squared, m.clone_kinds, m.attn_clone_space, m.clone_norm, m.clone_exclude) == (
+        "token", True, ("q", "gate"), "teacher", "none", "first")
+    d = config.TrainConfig()  # the defaults: the paper's loss, exactly
+    assert (d.kl_reduction, d.tau_squared, d.clone_kinds, d.attn_clone_space, d.clone_norm, d.clone_exclude) == (
+        "batchmean", False, "q,k,v,gate,up,o,down", "student", "none", "none")
+    for k in ("kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm", "clone_exclude"):
+        assert k in config.RUN_IDENTITY, k
+
+
 # ---- faults ------------------------------------------------------------------------------------
 
 def test_non_finite_loss_stops_naming_step_and_term(tiny, tmp_path):
@@ -320,6 +365,13 @@ def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
         (["--lr", "-1"], ["--lr must be > 0"]),
         (["--dtype", "float64"], ["--dtype must be"]),
         (["--no-lm", "--no-kl", "--no-clone"], ["leave no loss"]),
+        (["--kl-reduction", "mean"], ["--kl-reduction must be batchmean or token"]),
+        (["--clone-kinds", "q,x"], ["--clone-kinds must be", "unknown: x"]),
+        (["--clone-kinds", "q,q"], ["--clone-kinds must be distinct"]),
+        (["--clone-kinds", ""], ["--clone-kinds must be"]),
+        (["--attn-clone-space", "both"], ["--attn-clone-space must be student or teacher"]),
+        (["--clone-norm", "layer"], ["--clone-norm must be none or target"]),
+        (["--clone-exclude", "last"], ["--clone-exclude must be one of"]),
         (["--max-tokens", 100], ["--max-steps or --max-tokens, not both"]),
         (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
         (["--seq-len", "abc"], ["invalid int value"]),
@@ -348,6 +400,9 @@ def test_existing_run_needs_resume_and_same_settings(base_run, tiny, capsys):
     out, _ = base_run
     _exit2(main_in_process(tiny_args(tiny, out), capsys), "already holds a run", "--resume")
     _exit2(main_in_process(tiny_args(tiny, out, **{"--seq-len": 16}) + ["--resume"], capsys), "--seq-len 16 differs")
+    for flag, v in (("--clone-norm", "target"), ("--clone-exclude", "first"), ("--kl-reduction", "token"),
+                    ("--attn-clone-space", "teacher"), ("--clone-kinds", "q,k")):
+        _exit2(main_in_process(tiny_args(tiny, out, **{flag: v}) + ["--resume"], capsys), f"{flag} {v} differs")
 
 
 # ---- config file vs flags -----------------------------------------------------------------------
@@ -431,3 +486,55 @@ def test_real_default_job(tmp_path):
     diff = float(r.stdout.split("on a held-out batch: ")[1].split()[0])
     assert diff < 1e-3
     print(f"default job: {time.time() - t0:.0f}s; {r.stdout[-1500:]}")
+
+
+# ---- the teacher in the training dtype --------------------------------------------------------
+
+class _CastCounter:
+    """A TorchDispatchMode counting dtype casts (aten._to_copy) of the given tensors' storages,
+    and the clone-linear ops that ran."""
+
+    def __init__(self, tensors):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        ptrs = {t.untyped_storage().data_ptr() for t in tensors}
+        counter = self
+        self.casts, self.clone_linears = 0, 0
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in ptrs:
+                    counter.casts += 1
+                if func is torch.ops.lrc_ext.clone_linear.default:
+                    counter.clone_linears += 1
+                return func(*args, **(kwargs or {}))
+        self.mode = Mode()
+
+
+def _setup_trainer(tiny, out, dtype):
+    from lrc_ext import train
+    cfg, _ = train.configure([str(a) for a in tiny_args(tiny, out, **{"--dtype": dtype, "--max-steps": 2})])
+    return train.setup(cfg, None)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_teacher_in_the_training_dtype_and_never_cast_in_a_step(tiny, tmp_path, dtype):
+    """--dtype bfloat16: a bf16 teacher beside fp32 trainables, and a whole optimiser step
+    (forward, backward, the fused CPU clone linears and distillation head under autocast) casts
+    no teacher weight; float32: an fp32 teacher. The counter does see the casts: the same step
+    with the teacher put back in fp32 under bf16 autocast casts every frozen weight."""
+    trainer = _setup_trainer(tiny, tmp_path / "o", dtype)
+    want = getattr(torch, dtype)
+    assert {p.dtype for p in trainer.teacher.parameters()} == {want}
+    assert {p.dtype for p in trainer.params} == {torch.float32}  # fp32 masters
+    frozen = [p for n, p in trainer.teacher.named_parameters() if p.dim() == 2]
+    count = _CastCounter(frozen)
+    with count.mode:
+        rec = trainer.train_step()
+    assert math.isfinite(rec["loss"]) and count.clone_linears >= 7 * trainer.teacher.config.num_hidden_layers
+    assert count.casts == 0
+    if dtype == "bfloat16":  # control: today's fp32 teacher under bf16 autocast
+        trainer.teacher.float()
+        count = _CastCounter([p for p in trainer.teacher.parameters() if p.dim() == 2])
+        with count.mode:
+            trainer.train_step()
+        assert count.casts >= len(frozen)

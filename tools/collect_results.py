@@ -199,7 +199,8 @@ def _meta_lines(m: dict) -> list[str]:
         f"- driver {m.get('driver') or '-'}; torch {m.get('torch', '?')} (CUDA {m.get('torch_cuda') or '-'}); "
         f"Python {m.get('python', '?')}; transformers {m.get('transformers') or '-'}",
         f"- lrc_ext build: CUDA kernels {fmt(lx.get('cuda_kernels'))} {', '.join(lx.get('cuda_archs') or [])} "
-        f"({lx.get('cuda_compiler') or '-'}), {lx.get('cxx_compiler') or '-'}",
+        f"({lx.get('cuda_compiler') or '-'}), CUTLASS sm90 kernels {fmt(lx.get('cutlass_kernels'))}, "
+        f"{lx.get('cxx_compiler') or '-'}",
         f"- date {m.get('date', '?')}; commit {m.get('commit', '?')}"
         + (" (dirty)" if m.get("dirty") else "") + f"; tree hash {m.get('tree_hash', '?')}",
     ]
@@ -267,12 +268,19 @@ def _bottleneck(rows):
 
 def targets_md(targets: list[dict]) -> str:
     rows = [{"group": t.get("group") or group(t.get("key", "")), "what": t.get("what"), "value": t.get("value"),
-             "goal": f"{t.get('op') or ''} {fmt(t.get('goal'))}", "met": _met(t), "bench": t.get("bench"),
+             "goal": _goal(t.get("op"), t.get("goal")), "met": _met(t), "bench": t.get("bench"),
              "note": t.get("note")} for t in targets]
     return format_table(rows, ["group", "what", "value", "goal", "met", "bench", "note"])
 
 
+def _goal(op, goal, unit=""):
+    """'>= 1.50 x', or 'for information' for a figure with no goal."""
+    return "for information" if goal is None else f"{op} {fmt(goal)} {unit}".strip()
+
+
 def _met(t):
+    if t.get("goal") is None and t.get("value") is not None:
+        return "info" if t.get("qualifies", True) else "info (not the target setup)"
     if t.get("met") is None:
         return "not measured"
     s = "MET" if t["met"] else "not met"
@@ -337,12 +345,12 @@ def readme_table(paths) -> str:
     for key, (what, op, goal, unit) in TARGETS.items():
         b = best.get(key)
         if b is None:
-            rows.append({"group": group(key), "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
+            rows.append({"group": group(key), "target": what, "goal": _goal(op, goal, unit),
                          "latest": "not measured", "status": "-", "device / date / commit": "-", "file": "-"})
             continue
         q, date, t, bm, fname = b
-        status = ("MET" if t.get("met") else "not met") if q else "no GPU figure yet"
-        rows.append({"group": group(key), "target": what, "goal": f"{op} {fmt(goal)} {unit}".strip(),
+        status = "no GPU figure yet" if not q else "info" if goal is None else "MET" if t.get("met") else "not met"
+        rows.append({"group": group(key), "target": what, "goal": _goal(op, goal, unit),
                      "latest": fmt(t.get("value")) + ("" if q else f" ({bm.get('device_kind')}, not the target setup)"),
                      "status": status,
                      "device / date / commit": f"{bm.get('device', '?')} / {str(date)[:10]} / "

@@ -7,7 +7,7 @@ part): the whole training step, or one op.
 """
 from __future__ import annotations
 
-TARGETS = {  # key -> (what, op, goal, unit)
+TARGETS = {  # key -> (what, op, goal, unit); op and goal None: a figure reported for information
     # the whole LRC step at the LRC-1.5B shape, fused path
     "step.lrc1.5b.fused.tokens_per_s": ("LRC-1.5B step, fused: tokens/s", ">=", 25000.0, "tokens/s"),
     "step.lrc1.5b.fused.mfu": ("LRC-1.5B step, fused: MFU (vs 989 TFLOP/s)", ">=", 0.45, "fraction"),
@@ -21,6 +21,17 @@ TARGETS = {  # key -> (what, op, goal, unit)
     "clone_linear.ratio_vs_bare_gemm": ("clone_linear fwd+bwd: ours / bare GEMMs time (worst shape)",
                                         "<=", 1.15, "x"),
     "clone_linear.peak_mem_vs_eager": ("clone_linear: ours / eager peak memory (worst shape)", "<=", 1.0, "x"),
+    # the same op on its CUTLASS sm90 path (H100/H200, bf16 and fp16; bench variant "cutlass")
+    "clone_linear.cutlass.ratio_vs_bare_gemm": ("clone_linear fwd+bwd, CUTLASS path: cutlass / bare GEMMs time "
+                                                "(worst shape)", "<=", 1.10, "x"),
+    "clone_linear.cutlass.speedup_vs_eager": ("clone_linear fwd+bwd, CUTLASS path: eager / cutlass time "
+                                              "(worst shape)", ">=", 1.5, "x"),
+    "clone_linear.cutlass.speedup_vs_compile": ("clone_linear fwd+bwd, CUTLASS path: torch.compile(max-autotune) / "
+                                                "cutlass time (worst shape)", ">=", 1.2, "x"),
+    "clone_linear.cutlass.speedup_vs_ours": ("clone_linear fwd+bwd: ours (cuBLAS path) / cutlass time "
+                                             "(worst shape; for information)", None, None, "x"),
+    "clone_linear.cutlass.err_vs_eager": ("clone_linear, CUTLASS path: relative error vs eager, worst of y, mse, "
+                                          "grad_x, grad_P (worst shape; for information)", None, None, ""),
     # the LM head with KL + CE (N=8192, V=128256, d_T=3072, d_S=1536, bf16)
     "distill_head.speedup_vs_liger": ("distill_head: Liger / ours time", ">=", 1.5, "x"),
     "distill_head.peak_mem_vs_liger": ("distill_head: ours / Liger peak memory", "<=", 1.0, "x"),

@@ -6,7 +6,10 @@ projection, plus the activation-clone MSE (docs/DESIGN.md, "The method" and "clo
 
 x: (..., in_S); weight W_T: (out_T, in_T); proj P: (d_T, d_S); bias: (out_T,) or None.
 Returns (y, mse) with mse the 0-dim fp32 mean of (y - target')^2, or (y, None) when no
-target is given.
+target is given. ``row_weight`` (optional, fp32, one non-negative weight per row of x) makes
+it the weighted mean sum_r w_r sum_c (y - target')^2 / (sum_r w_r * out_S) (0 when every
+weight is 0): with 0/1 weights, the mean over the kept rows. The epilogue kernel then writes
+d = w_r (y - t), so the backward below is unchanged but for grad_mse scaled by N / sum(w).
 
 ``clone_linear`` is the fused op (kernels: csrc/clone_linear.{cpp,cu}); how it runs:
 
@@ -30,6 +33,9 @@ Validation: ``clone_linear`` checks what only it sees (Python types, before disp
 x's and target's leading dimensions); the op checks the 2-D tensor contract its kernels rely
 on, once per call, for every caller (``clone_linear``, compiled graphs, direct torch.ops calls).
 
+On sm_90 (H100/H200), bf16 / fp16 forwards can take CUTLASS kernels with this epilogue in
+the GEMM instead (opt-in, LRC_CUTLASS=1; which call takes which path: ops/_cutlass.py).
+
 Dtypes: fp32, bf16, fp16 (and fp64 on the CPU), all inputs the same dtype; under
 torch.autocast the floating inputs (fp64 excepted) are cast to the autocast dtype first,
 as autocast does for a matmul. The MSE is fp32 (fp64 for fp64 inputs, so that gradcheck
@@ -44,13 +50,14 @@ import torch
 from torch import Tensor
 
 from .. import _ext
+from . import _cutlass
 
 _OP = "clone_linear"
 SIDES = ("in", "out")
 
 
 def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
-                           target: Tensor | None = None, side: str = "in"):
+                           target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
     """Plain PyTorch: the oracle every fused path is tested against."""
     side_out = side_is_out(side)
     w_s = proj.t() @ weight if side_out else weight @ proj
@@ -60,7 +67,11 @@ def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor
     tgt = target @ proj if side_out else target
     # (d*d).mean() keeps only the difference alive for backward, not both y and target.
     d = (y - tgt).float()
-    return y, (d * d).mean()
+    if row_weight is None:
+        return y, (d * d).mean()
+    w = row_weight.to(d.dtype)
+    wsum = w.sum()
+    return y, (w[..., None] * d * d).sum() / (torch.where(wsum > 0, wsum, 1) * d.shape[-1])
 
 
 # ----------------------------------------------------------------------------- checks
@@ -80,10 +91,17 @@ def side_is_out(side: str, who: str = f"lrc_ext.{_OP}") -> bool:
     return side == "out"
 
 
-def _check_call(x, weight, proj, bias, target) -> None:
+def _check_call(x, weight, proj, bias, target, row_weight=None) -> None:
     """What the op cannot check for ``clone_linear``: Python types (before dispatch, so the
     message is ours) and the leading dimensions it flattens."""
-    _ext.check_tensors(_OP, ("bias", "target"), x=x, weight=weight, proj=proj, bias=bias, target=target)
+    _ext.check_tensors(_OP, ("bias", "target", "row_weight"), x=x, weight=weight, proj=proj, bias=bias,
+                       target=target, row_weight=row_weight)
+    if row_weight is not None:
+        if target is None:
+            raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
+        if tuple(row_weight.shape) != tuple(x.shape[:-1]):
+            raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
+                       f"one weight per row), got {tuple(row_weight.shape)}")
     if x.dim() < 1:
         raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
     if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
@@ -138,6 +156,18 @@ def _validate(x, weight, proj, bias, target, side_out: bool):
                        f"{out_t}{', compared as target @ proj' if side_out else ''}), got {tuple(target.shape)}")
 
 
+def _check_row_weight(w, x, target):
+    """row_weight: None, or (N,) fp32 on x's device, with a target."""
+    if w is None:
+        return
+    if target is None:
+        raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
+    _ext.check(_OP, "row_weight", w, ndim=1, dtypes=(torch.float32,), device=x.device)
+    if w.shape[0] != x.shape[0]:
+        raise _err(f"argument 'row_weight' must have shape ({x.shape[0]},) (one weight per row of x), "
+                   f"got {tuple(w.shape)}")
+
+
 def _rows_ok(t: Tensor) -> bool:
     """2-D with unit column stride and non-overlapping rows: what our kernels take."""
     return (t.size(1) <= 1 or t.stride(1) == 1) and (t.size(0) <= 1 or t.stride(0) >= t.size(1))
@@ -145,24 +175,35 @@ def _rows_ok(t: Tensor) -> bool:
 
 # ----------------------------------------------------------------------------- kernels
 
-def _epilogue(y: Tensor, t: Tensor, d: Tensor) -> Tensor:
-    """d = y - t (d may be t), returns mean(d^2) as a 0-dim tensor."""
+def _epilogue(y: Tensor, t: Tensor, d: Tensor, w: Tensor | None = None) -> Tensor:
+    """d = y - t (d may be t), returns mean(d^2) as a 0-dim tensor. With row weights w (fp32,
+    contiguous): d = w_r (y - t), returns sum_r w_r sum_c (y - t)^2 / (sum(w) * cols), 0 if sum(w) is 0."""
     rows, cols = y.shape
     inv_numel = 1.0 / (rows * cols) if rows * cols else float("nan")
+    if w is not None:
+        inv_numel = 1.0 / cols if cols else float("nan")
+    w_ptr = w.data_ptr() if w is not None else 0
     if y.device.type == "cpu":
         c = _ext.lib(_OP)
         s = c.clone_linear_epilogue_cpu(y.data_ptr(), _ext.row_stride(y), t.data_ptr(), _ext.row_stride(t),
-                                        d.data_ptr(), _ext.row_stride(d), rows, cols, _ext.DTYPE_CODES[y.dtype],
-                                        inv_numel)
-        return torch.tensor(s, dtype=_ext.acc_dtype(y.dtype))
+                                        d.data_ptr(), _ext.row_stride(d), w_ptr, rows, cols,
+                                        _ext.DTYPE_CODES[y.dtype], inv_numel)
+        mse = torch.tensor(s, dtype=_ext.acc_dtype(y.dtype))
+        return mse if w is None else mse / _wsum(w, mse.dtype)
     c = _ext.require_cuda(_OP)
     with torch.cuda.device(y.device):
         mse = torch.empty((), dtype=torch.float32, device=y.device)
         ws = torch.empty(c.clone_linear_epilogue_cuda_workspace(rows, cols), dtype=torch.float32, device=y.device)
         c.clone_linear_epilogue_cuda(y.data_ptr(), _ext.row_stride(y), t.data_ptr(), _ext.row_stride(t),
-                                     d.data_ptr(), _ext.row_stride(d), rows, cols, _ext.DTYPE_CODES[y.dtype],
+                                     d.data_ptr(), _ext.row_stride(d), w_ptr, rows, cols, _ext.DTYPE_CODES[y.dtype],
                                      inv_numel, mse.data_ptr(), ws.data_ptr(), _ext.stream(y))
-    return mse
+    return mse if w is None else mse / _wsum(w, mse.dtype)
+
+
+def _wsum(w: Tensor, dtype) -> Tensor:
+    """sum(w) as the divisor of a weighted MSE (on the device: no host sync); 1 when it is 0."""
+    s = w.sum(dtype=dtype)
+    return torch.where(s > 0, s, torch.ones_like(s))
 
 
 def _merge(grad_y: Tensor | None, d: Tensor, grad_mse: Tensor, k: float) -> Tensor:
@@ -205,12 +246,21 @@ def _no_autocast(t: Tensor):
 
 @torch.library.custom_op("lrc_ext::clone_linear", mutates_args=())
 def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
-                     side_out: bool, target_proj_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """x 2-D (N, in_S), target 2-D or None. Returns (y, mse, W_S, d, G_t); d and G_t are
-    empty when not computed (no target; G_t only on the output side with target_proj_grad)."""
+                     side_out: bool, target_proj_grad: bool,
+                     row_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """x 2-D (N, in_S), target 2-D or None, row_weight (N,) fp32 or None. Returns (y, mse, W_S,
+    d, G_t); d and G_t are empty when not computed (no target; G_t only on the output side
+    with target_proj_grad)."""
     _validate(x, weight, proj, bias, target, side_out)
+    _check_row_weight(row_weight, x, target)
     with _no_autocast(x):
         w_s = proj.t() @ weight if side_out else weight @ proj
+        # None: the cuBLAS path below (also for row weights, which the CUTLASS epilogue does not take)
+        fused = None if row_weight is not None else _cutlass.forward(x, w_s, bias, target, proj, side_out)
+        if fused is not None:
+            y, d, mse = fused
+            g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else x.new_empty(0)
+            return y, mse, w_s, d, g_t
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
         if target is None:
@@ -220,14 +270,14 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
         else:
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
-        mse = _epilogue(y, t, d)
+        mse = _epilogue(y, t, d, row_weight.contiguous() if row_weight is not None else None)
         # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
         g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
     return y, mse, w_s, d, g_t
 
 
 @_clone_linear_op.register_fake
-def _(x, weight, proj, bias, target, side_out, target_proj_grad):
+def _(x, weight, proj, bias, target, side_out, target_proj_grad, row_weight=None):
     out_s = proj.shape[1] if side_out else weight.shape[0]
     in_s = weight.shape[1] if side_out else proj.shape[1]
     y = x.new_empty((x.shape[0], out_s))
@@ -240,9 +290,13 @@ def _(x, weight, proj, bias, target, side_out, target_proj_grad):
 
 
 def _setup(ctx, inputs, output):
-    x, weight, proj, bias, target, side_out, target_proj_grad = inputs
+    x, weight, proj, bias, target, side_out, target_proj_grad, row_weight = inputs
     y, mse, w_s, d, g_t = output
-    ctx.save_for_backward(x, weight, proj, w_s, d, g_t)
+    # Weighted rows: d already holds w_r (y - t); the backward's k = 2 / (N out) becomes
+    # 2 / (sum(w) out) by scaling grad_mse with N / sum(w).
+    mse_scale = (x.shape[0] / _wsum(row_weight, mse.dtype) if row_weight is not None and target is not None
+                 else None)
+    ctx.save_for_backward(x, weight, proj, w_s, d, g_t, mse_scale)
     # W_S, d and G_t are outputs only to be saved: never zero-fill (N, out) gradients for them.
     ctx.set_materialize_grads(False)
     ctx.side_out = side_out
@@ -251,17 +305,19 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y, grad_mse, _g_ws, _g_d, _g_gt):
-    x, weight, proj, w_s, d, g_t = ctx.saved_tensors
+    x, weight, proj, w_s, d, g_t, mse_scale = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])
     if not ctx.has_target:
         needs[4] = False
         grad_mse = None
+    if grad_mse is not None and mse_scale is not None:
+        grad_mse = grad_mse * mse_scale
     if ctx.side_out and ctx.has_target and needs[2] and grad_mse is not None and g_t.numel() == 0:
         raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
                            f"call lrc_ext.ops.clone_linear(), which sets it")
     grads = torch.ops.lrc_ext.clone_linear_backward(grad_y, grad_mse, x, weight, proj, w_s, d, g_t, ctx.side_out,
                                                     needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 
 _clone_linear_op.register_autograd(_backward, setup_context=_setup)
@@ -283,7 +339,7 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
     with _no_autocast(x):
         if grad_y is not None and not _rows_ok(grad_y):
             grad_y = grad_y.contiguous()  # e.g. the expanded gradient of y.sum()
-        if use_mse:
+        if use_mse:  # one pass feeding both GEMMs; why it is not folded into them: ops/_cutlass.py
             g = _merge(grad_y, d, grad_mse, k)
         elif grad_y is not None:
             g = grad_y
@@ -348,23 +404,27 @@ def _autocast(x: Tensor, *ts):
 
 
 def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
-                 target: Tensor | None = None, side: str = "in"):
+                 target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
     """Fused clone linear; same contract as :func:`clone_linear_reference`.
 
     Returns ``(y, mse)``: y of shape (..., out_S) in the input dtype, mse the 0-dim mean of
     (y - target')^2 (fp32; fp64 for fp64 inputs), or ``(y, None)`` without a target.
     x may be N-D (leading dimensions flattened) and non-contiguous; target has x's leading
     dimensions. Gradients flow to x, proj, and to target / weight / bias when they require
-    grad (the teacher is normally frozen: then none is computed for it).
+    grad (the teacher is normally frozen: then none is computed for it). ``row_weight``
+    (x's leading dimensions, non-negative; cast to fp32, never differentiated): the MSE's
+    weighted mean over rows, e.g. 0/1 to count the kept rows only (see the module docstring).
     """
-    _check_call(x, weight, proj, bias, target)
+    _check_call(x, weight, proj, bias, target, row_weight)
     side_out = side_is_out(side)
     x, weight, proj, bias, target = _autocast(x, weight, proj, bias, target)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
+    w2 = row_weight.detach().reshape(-1).to(torch.float32) if row_weight is not None else None
     target_proj_grad = bool(side_out and target is not None and proj.requires_grad and torch.is_grad_enabled())
-    y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad)
+    y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad,
+                                                            w2)
     y = y.view(*lead, y.shape[-1])
     return y, (mse if target is not None else None)
 
@@ -376,14 +436,19 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
 # is returned for P.
 
 def clone_linear_ws_reference(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
-                              proj: Tensor | None = None, side: str = "in"):
-    """Plain PyTorch, W_S given (out_S, in_S); proj only for the output side's target @ P."""
+                              proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+    """Plain PyTorch, W_S given (out_S, in_S); proj only for the output side's target @ P;
+    row_weight as in :func:`clone_linear_reference`."""
     side_out = side_is_out(side)
     y = torch.nn.functional.linear(x, w_s, bias)
     if target is None:
         return y, None
     d = (y - (target @ proj if side_out else target)).float()
-    return y, (d * d).mean()
+    if row_weight is None:
+        return y, (d * d).mean()
+    w = row_weight.to(d.dtype)
+    wsum = w.sum()
+    return y, (w[..., None] * d * d).sum() / (torch.where(wsum > 0, wsum, 1) * d.shape[-1])
 
 
 def _validate_ws(x, w_s, bias, target, proj, side_out: bool):
@@ -412,10 +477,13 @@ def _validate_ws(x, w_s, bias, target, proj, side_out: bool):
 
 @torch.library.custom_op("lrc_ext::clone_linear_ws", mutates_args=())
 def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
-                        proj: Optional[Tensor], side_out: bool, target_proj_grad: bool
-                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(y, mse, d, G_t) as the clone_linear op, W_S given."""
+                        proj: Optional[Tensor], side_out: bool, target_proj_grad: bool,
+                        row_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mse, d, G_t) as the clone_linear op, W_S given. Always the cuBLAS GEMM + epilogue
+    kernel: the CUTLASS sm90 path fuses the W_S formation it would skip here, so it is not
+    taken (a W_S-given CUTLASS variant is not written)."""
     _validate_ws(x, w_s, bias, target, proj, side_out)
+    _check_row_weight(row_weight, x, target)
     with _no_autocast(x):
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
@@ -426,14 +494,14 @@ def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: 
         else:
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
-        mse = _epilogue(y, t, d)
+        mse = _epilogue(y, t, d, row_weight.contiguous() if row_weight is not None else None)
         # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
         g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
     return y, mse, d, g_t
 
 
 @_clone_linear_ws_op.register_fake
-def _(x, w_s, bias, target, proj, side_out, target_proj_grad):
+def _(x, w_s, bias, target, proj, side_out, target_proj_grad, row_weight=None):
     y = x.new_empty((x.shape[0], w_s.shape[0]))
     mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty(tuple(y.shape)) if target is not None else x.new_empty(0)
@@ -443,23 +511,28 @@ def _(x, w_s, bias, target, proj, side_out, target_proj_grad):
 
 
 def _setup_ws(ctx, inputs, output):
-    x, w_s, bias, target, proj, side_out, _ = inputs
-    _, _, d, g_t = output
-    ctx.save_for_backward(x, w_s, proj, d, g_t)
+    x, w_s, bias, target, proj, side_out, _, row_weight = inputs
+    _, mse, d, g_t = output
+    # weighted rows: grad_mse scaled by N / sum(w), as in _setup
+    mse_scale = (x.shape[0] / _wsum(row_weight, mse.dtype) if row_weight is not None and target is not None
+                 else None)
+    ctx.save_for_backward(x, w_s, proj, d, g_t, mse_scale)
     ctx.set_materialize_grads(False)
     ctx.side_out, ctx.has_target = side_out, target is not None
 
 
 def _backward_ws(ctx, grad_y, grad_mse, _g_d, _g_gt):
-    x, w_s, proj, d, g_t = ctx.saved_tensors
+    x, w_s, proj, d, g_t, mse_scale = ctx.saved_tensors
     needs = list(ctx.needs_input_grad[:5])  # x, w_s, bias, target, proj
     if not ctx.has_target:
         grad_mse, needs[3], needs[4] = None, False, False
+    if grad_mse is not None and mse_scale is not None:
+        grad_mse = grad_mse * mse_scale
     if ctx.side_out and needs[4] and grad_mse is not None and g_t.numel() == 0:
         raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
                            f"call lrc_ext.ops.clone_linear_ws(), which sets it")
     grads = torch.ops.lrc_ext.clone_linear_ws_backward(grad_y, grad_mse, x, w_s, proj, d, g_t, ctx.side_out, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
 
 
 @torch.library.custom_op("lrc_ext::clone_linear_ws_backward", mutates_args=())
@@ -505,12 +578,20 @@ _clone_linear_ws_op.register_autograd(_backward_ws, setup_context=_setup_ws)
 
 
 def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
-                    proj: Tensor | None = None, side: str = "in"):
+                    proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
     """Fused clone linear with W_S given; same contract as :func:`clone_linear_ws_reference`.
     Gradients flow to x and w_s (and to bias / target when they require grad); on the output
-    side to proj through the target's ``target @ proj`` only."""
-    _ext.check_tensors(_OP, ("bias", "target", "proj"), x=x, w_s=w_s, bias=bias, target=target, proj=proj)
+    side to proj through the target's ``target @ proj`` only. ``row_weight`` as in
+    :func:`clone_linear`."""
+    _ext.check_tensors(_OP, ("bias", "target", "proj", "row_weight"), x=x, w_s=w_s, bias=bias, target=target,
+                       proj=proj, row_weight=row_weight)
     side_out = side_is_out(side)
+    if row_weight is not None:
+        if target is None:
+            raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
+        if tuple(row_weight.shape) != tuple(x.shape[:-1]):
+            raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
+                       f"one weight per row), got {tuple(row_weight.shape)}")
     if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
         raise _err(f"argument 'target' must have x's leading dimensions {tuple(x.shape[:-1])}, "
                    f"got {tuple(target.shape)}")
@@ -520,5 +601,7 @@ def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: 
     t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
     tpg = bool(side_out and target is not None and proj is not None and proj.requires_grad
                and torch.is_grad_enabled())
-    y, mse, _d, _g_t = torch.ops.lrc_ext.clone_linear_ws(x2, w_s, bias, t2, proj if side_out else None, side_out, tpg)
+    w2 = row_weight.detach().reshape(-1).to(torch.float32) if row_weight is not None else None
+    y, mse, _d, _g_t = torch.ops.lrc_ext.clone_linear_ws(x2, w_s, bias, t2, proj if side_out else None, side_out, tpg,
+                                                         w2)
     return y.view(*lead, y.shape[-1]), (mse if target is not None else None)

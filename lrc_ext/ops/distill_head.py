@@ -3,13 +3,14 @@
 h_s: (N, d_S) student final hidden (after the student's final norm);
 h_t: (N, d_T) teacher final hidden (after the teacher's final norm);
 w_head_t: (V, d_T) teacher head weight; p_head: (d_T, d_S), W_head_S = w_head_t @ p_head;
-labels: (N,) next-token ids, already shifted, -100 = ignored (counts in no term).
+labels: (N,) next-token ids, already shifted, -100 = no label (no CE there; the KL still counts).
 
-lm = lm_weight * mean CE over non-ignored tokens
-kl = kl_weight * sum_{non-ignored tokens, vocab} p_T (log p_T - log p_S),  p = softmax(z / tau)
-     divided by batch_size ("batchmean", the authors' reduction over (B, S, V)) or by the
-     number of non-ignored tokens ("token"); times tau^2 when tau_squared.
-Both are 0-dim fp32 (fp64 for fp64 inputs); an all-ignored batch gives 0 (no NaN).
+lm = lm_weight * mean CE over the labelled tokens (label != -100)
+kl = kl_weight * sum_{all N tokens, vocab} p_T (log p_T - log p_S),  p = softmax(z / tau)
+     divided by batch_size ("batchmean", the authors' reduction over (B, S, V)) or by N
+     ("token"); times tau^2 when tau_squared. Distillation does not depend on labels: every
+     row passed is a position of the logits (the caller passes the non-padded ones).
+Both are 0-dim fp32 (fp64 for fp64 inputs); no labelled token gives lm = 0, N = 0 gives 0 (no NaN).
 
 Two implementations with one signature:
 
@@ -25,8 +26,9 @@ Two implementations with one signature:
   at the end ("student"), or X = g @ w_head_t, grad h_s = X @ P_head, grad P_head +=
   X.T @ h_s ("teacher", the default for bf16 / fp16 when d_T <= 2 d_S: same FLOPs as the
   two student GEMMs, no V x d_S accumulator). Gradients are computed in the forward and
-  only scaled in the backward, so nothing of size N x V outlives a chunk. Ignored tokens
-  are dropped before the GEMMs.
+  only scaled in the backward, so nothing of size N x V outlives a chunk. The rows are
+  ordered labelled first; the unlabelled ones run with the CE off (KL only), or are dropped
+  before the GEMMs when there is no KL.
 
 Gradient bookkeeping. The forward computes the gradient of ``lm + kl``. The backward is
 exact for any pair of upstream gradients (g_lm, g_kl): when they are equal (the usual
@@ -79,19 +81,17 @@ def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: T
     check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
                   batch_size=batch_size)
     acc = _ext.acc_dtype(h_s.dtype)
-    valid = labels != IGNORE_INDEX
-    n_valid = valid.sum()
+    n_valid = (labels != IGNORE_INDEX).sum()
     z_s = (h_s @ (w_head_t @ p_head if w_head_s is None else w_head_s).t()).to(acc)
     z_t = (h_t @ w_head_t.t()).to(acc)
     ce = F.cross_entropy(z_s, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid.clamp(min=1)
     logp_s = F.log_softmax(z_s / tau, dim=-1)
     logp_t = F.log_softmax(z_t / tau, dim=-1)
-    kl_tok = F.kl_div(logp_s, logp_t, log_target=True, reduction="none").sum(-1)
-    kl_sum = (kl_tok * valid).sum()
+    kl_sum = F.kl_div(logp_s, logp_t, log_target=True, reduction="none").sum()  # every row, labelled or not
     if kl_reduction == "batchmean":
         kl = kl_sum / (batch_size if batch_size is not None else 1)
     else:
-        kl = kl_sum / n_valid.clamp(min=1)
+        kl = kl_sum / max(h_s.shape[0], 1)
     if tau_squared:
         kl = kl * tau * tau
     return lm_weight * ce, kl_weight * kl
@@ -293,56 +293,55 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     if n_valid < 0:
         n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
     do_ce, do_kl = lm_weight != 0.0, kl_weight != 0.0 and h_t is not None
+    n_rows = n if do_kl else n_valid  # rows taking part: the KL counts every row, the CE the labelled ones
     need_grad = need_h or need_p
     zero = torch.zeros((), dtype=acc, device=dev)
     g_h = torch.zeros((n, d_s) if need_h else (0,), dtype=acc, device=dev)
     g_p = torch.zeros(tuple(p_head.shape) if need_p else (0,), dtype=acc, device=dev)
     if record:
         last_plan.clear()
-        last_plan.update(rows=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0, teacher=do_kl)
-    if n_valid == 0 or not (do_ce or do_kl):
+        last_plan.update(rows=n_rows, labelled=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0,
+                         teacher=do_kl)
+    do_ce = do_ce and n_valid > 0
+    if n_rows == 0 or not (do_ce or do_kl):
         return zero, zero.clone(), g_h, g_p
+    idx, hs, lab, ht = _order_rows(h_s, h_t if do_kl else None, labels, n_valid, n_rows)
 
-    # Only the valid rows take part: gather them when some are ignored.
-    if n_valid < n:
-        idx = (labels != IGNORE_INDEX).nonzero().squeeze(1)
-        hs, lab = h_s.index_select(0, idx), labels.index_select(0, idx)
-        ht = h_t.index_select(0, idx) if do_kl else None
-    else:
-        idx, hs, lab, ht = None, h_s, labels.contiguous(), (h_t if do_kl else None)
-
-    denom = float(n_valid) if kl_reduction == "token" else float(batch_size if batch_size is not None else 1)
+    denom = float(n_rows) if kl_reduction == "token" else float(batch_size if batch_size is not None else 1)
     kl_scale = kl_weight / denom * (tau * tau if tau_squared else 1.0)
     lm_coef = lm_weight / n_valid if do_ce else 0.0
     kl_coef = kl_scale / tau if do_kl else 0.0
     prescale = _fp16_prescale(h_s.dtype, lm_coef, kl_coef) if need_grad else 1.0
 
-    rows = plan_chunk(n_valid, vocab, h_s.dtype, dev, do_kl, chunk_size or None)
+    rows = plan_chunk(n_rows, vocab, h_s.dtype, dev, do_kl, chunk_size or None)
     zs_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
     zt_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev) if do_kl else None
     ce_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_ce else None
-    kl_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_kl else None
-    gh_v = g_h if (need_h and idx is None) else (torch.empty(n_valid, d_s, dtype=acc, device=dev) if need_h else None)
-    mode = _backward_gemms(n_valid, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
+    kl_rows = torch.empty(n_rows, dtype=acc, device=dev) if do_kl else None
+    gh_v = g_h if (need_h and idx is None) else (torch.empty(n_rows, d_s, dtype=acc, device=dev) if need_h else None)
+    mode = _backward_gemms(n_rows, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
     mode = "student" if (w_s is not None and need_grad) else mode
     grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows, w_s is not None)
+    # segments: the labelled rows (CE and KL), then the unlabelled ones (KL only, CE off)
+    segs = [(a, b, ce) for a, b, ce in ((0, n_valid, do_ce), (n_valid, n_rows, False)) if b > a]
     if record:
-        last_plan.update(chunk_rows=rows, n_chunks=-(-n_valid // rows), backward_gemms=mode,
+        last_plan.update(chunk_rows=rows, n_chunks=sum(-(-(b - a) // rows) for a, b, _ in segs), backward_gemms=mode,
                          buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
 
     w_s = w_head_t @ p_head if w_s is None else w_s  # (V, d_S), once
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        for r0 in range(0, n_valid, rows):
-            r1 = min(n_valid, r0 + rows)
-            zs = zs_buf[:r1 - r0]
-            torch.mm(hs[r0:r1], w_s.t(), out=zs)
-            zt = None
-            if do_kl:
-                zt = zt_buf[:r1 - r0]
-                torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
-            _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale, kl_coef * prescale,
-                         ce_rows[r0:r1] if do_ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
-            grads.add(zs, hs[r0:r1], w_s, r0, r1)  # zs now holds the logits gradient g
+        for a, b, ce in segs:
+            for r0 in range(a, b, rows):
+                r1 = min(b, r0 + rows)
+                zs = zs_buf[:r1 - r0]
+                torch.mm(hs[r0:r1], w_s.t(), out=zs)
+                zt = None
+                if do_kl:
+                    zt = zt_buf[:r1 - r0]
+                    torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
+                _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale if ce else 0.0, kl_coef * prescale,
+                             ce_rows[r0:r1] if ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
+                grads.add(zs, hs[r0:r1], w_s, r0, r1)  # zs now holds the logits gradient g
     del zs_buf, zt_buf, w_s
     if need_h and idx is not None:
         g_h.index_copy_(0, idx, gh_v)
@@ -350,6 +349,21 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     lm = ce_rows.sum() * (lm_weight / n_valid) if do_ce else zero
     kl = kl_rows.sum() * kl_scale if do_kl else zero.clone()
     return lm, kl, g_h, g_p
+
+
+def _order_rows(h_s: Tensor, h_t: Tensor | None, labels: Tensor, n_valid: int, n_rows: int):
+    """(idx, hs, lab, ht): the rows taking part, labelled first (idx None: all rows, in order).
+    Unlabelled rows (KL only) get label 0, which the kernel does not read with the CE off."""
+    n = h_s.shape[0]
+    if n_valid == n:
+        return None, h_s, labels.contiguous(), h_t
+    lab_rows = labels != IGNORE_INDEX
+    idx = lab_rows.nonzero().squeeze(1)
+    if n_rows > n_valid:  # the KL's unlabelled rows after the labelled ones
+        idx = torch.cat([idx, (~lab_rows).nonzero().squeeze(1)])
+    lab = labels.index_select(0, idx)
+    lab[n_valid:] = 0
+    return idx, h_s.index_select(0, idx), lab, (h_t.index_select(0, idx) if h_t is not None else None)
 
 
 def _fp16_prescale(dtype: torch.dtype, lm_coef: float, kl_coef: float) -> float:
@@ -521,7 +535,8 @@ def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, lab
     them, without ever holding N x V logits (see the module docstring).
 
     Inputs: h_s (N, d_S), h_t (N, d_T), w_head_t (V, d_T), p_head (d_T, d_S), one dtype
-    (fp32, bf16, fp16; fp64 on CPU), any strides; labels (N,) int64 with -100 ignored.
+    (fp32, bf16, fp16; fp64 on CPU), any strides; labels (N,) int64, -100 = no CE at that
+    row (its KL still counts: the KL is over all N rows).
     Differentiable w.r.t. h_s and p_head. ``chunk_size``: tokens per chunk (default: from
     N, V and free memory). lm_weight == 0 skips the CE; kl_weight == 0 skips the teacher
     GEMM (h_t is then not read).
@@ -639,8 +654,9 @@ def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor
                     kl_reduction: str = "batchmean", batch_size: int | None = None, tau_squared: bool = False,
                     chunk_size: int | None = None, n_valid: int | None = None):
     """:func:`distill_head` with W_head_S (V, d_S) given instead of P_head: differentiable
-    w.r.t. h_s and w_head_s. ``n_valid``: the number of labels that are not -100, when the
-    caller knows it and has checked their range (then no count and no host sync)."""
+    w.r.t. h_s and w_head_s. The KL runs over every row, the CE over the labelled ones.
+    ``n_valid``: the number of labelled rows (labels not -100, not all rows), when the caller
+    knows it and has checked their range (then no count and no host sync)."""
     _ext.check_tensors(_OP, h_s=h_s, h_t=h_t, w_head_t=w_head_t, w_head_s=w_head_s, labels=labels)
     check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
                   batch_size=batch_size, chunk_size=chunk_size)

