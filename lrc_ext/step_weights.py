@@ -25,6 +25,15 @@ import torch
 from .modules import FusedCloneLinear
 
 
+def _form(w_t: torch.Tensor, p: torch.Tensor, side_in: bool) -> torch.Tensor:
+    """W_T @ P (side in) or P.T @ W_T in the teacher's dtype (a bf16 teacher beside fp32 masters:
+    P is cast, never the frozen W_T, as autocast does per micro-batch), held in P's dtype so that
+    grad_W_S accumulates over the micro-batches in fp32."""
+    p_ = p.to(w_t.dtype) if w_t.dtype in (torch.bfloat16, torch.float16) else p
+    w_s = w_t @ p_ if side_in else p_.t() @ w_t
+    return w_s.to(p.dtype)
+
+
 class StepWeights:
     """The W_S of one optimiser step for ``model`` (a LowRankClone); see the module docstring."""
 
@@ -35,9 +44,9 @@ class StepWeights:
                 torch.enable_grad():  # master dtype, whatever context the caller is in
             for m in model.modules():
                 if isinstance(m, FusedCloneLinear):
-                    m.__dict__["step_ws"] = self._leaf(m.student_weight())
-            # in the trainables' dtype (fp32 masters beside a bf16 teacher), as student_weight()
-            w_head = model.teacher.get_output_embeddings().weight.detach().to(model.head_proj.dtype) @ model.head_proj
+                    w_t = m.teacher.weight.detach()
+                    m.__dict__["step_ws"] = self._leaf(_form(w_t, m.proj, m.side == "in"))
+            w_head = _form(model.teacher.get_output_embeddings().weight.detach(), model.head_proj, True)
             model.__dict__["step_head"] = self._leaf(w_head)
             emb = model.teacher.get_input_embeddings().weight
             tied = model.head_proj is model.p_emb and emb is model.teacher.get_output_embeddings().weight

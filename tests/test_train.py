@@ -504,7 +504,7 @@ class _CastCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in ptrs:
                     counter.casts += 1
-                if func is torch.ops.lrc_ext.clone_linear.default:
+                if func in (torch.ops.lrc_ext.clone_linear.default, torch.ops.lrc_ext.clone_linear_ws.default):
                     counter.clone_linears += 1
                 return func(*args, **(kwargs or {}))
         self.mode = Mode()
