@@ -38,6 +38,11 @@ P_T = d_T*(2*H*h + 2*H_kv*h + 3*F), P_S = d_S*(2*H*h + 2*H_kv*h + 3*F):
   embedding                4*N*d_T*d_S   (E_T[ids] @ P_emb and grad_P_emb)
   head                     2*N_h*V*d_T (teacher logits) + 6*N_h*V*d_S (student logits fwd+bwd)
                            + 4*V*d_T*d_S (W_head_S = W_head_T @ P_head and grad_P_head)
+This bench's step is one micro-batch through LowRankClone, which forms every W_S itself. The
+trainer forms them once an optimiser step (lrc_ext/step_weights.py): with accumulation over k
+micro-batches the weight products (4*d_S*L*P_T + 4*V*d_T*d_S) count once per k micro-batches
+and a tied head's lookup E_S[ids] replaces the embedding product (step_flops(accum=k,
+step_weights=True); bench/bench_accum.py measures the two paths side by side).
 MFU = FLOPs / step time / peak, with peak the datasheet dense bf16 figure of the device
 (H100 SXM: 989.4 TFLOP/s) and, separately, the bf16 matmul rate measured on the machine
 (8192^3 on random data). Tokens/s counts every input token: B*S / step time.
@@ -102,24 +107,28 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 # ----------------------------------------------------------------------------- FLOPs
 
-def step_flops(s: Shape, B: int, S: int) -> dict:
-    """Model FLOPs of one LRC step, by component (formula in the module docstring)."""
+def step_flops(s: Shape, B: int, S: int, accum: int = 1, step_weights: bool = False) -> dict:
+    """Model FLOPs of one LRC micro-batch step, by component (formula in the module docstring).
+    step_weights: W_S formed once an optimiser step of `accum` micro-batches (the trainer's path,
+    lrc_ext/step_weights.py): the weight products count 1/accum a micro-batch, and a tied head's
+    E_S replaces the embedding product by a lookup. Without (this bench's step): every micro-batch."""
     N, Nh, L = B * S, B * (S - 1), s.layers
     d_t, d_s, H, Hkv, h, F, V = s.hidden, s.d_s, s.heads, s.kv_heads, s.head_dim, s.ffn, s.vocab
     per_out = 2 * H * h + 2 * Hkv * h + 3 * F  # sum over the 7 linears of their non-residual dimension
     p_t, p_s = d_t * per_out, d_s * per_out
     attn_fwd = 2 * B * S * S * H * h * L
+    share = 1.0 / accum if step_weights else 1.0
     c = {
         "teacher_linears_fwd": 2 * N * L * p_t,
         "teacher_attention_fwd": attn_fwd,
         "student_linears_fwd_bwd": 6 * N * L * p_s,
         "student_attention_fwd_bwd": 3 * attn_fwd,
-        "weight_products_fwd_bwd": 4 * d_s * L * p_t,
+        "weight_products_fwd_bwd": 4 * d_s * L * p_t * share,
         "clone_targets_fwd_bwd": 2 * 4 * N * L * d_t * d_s,
-        "embedding_fwd_bwd": 4 * N * d_t * d_s,
+        "embedding_fwd_bwd": 0 if (step_weights and s.tie) else 4 * N * d_t * d_s,
         "head_teacher_fwd": 2 * Nh * V * d_t,
         "head_student_fwd_bwd": 6 * Nh * V * d_s,
-        "head_weight_product_fwd_bwd": 4 * V * d_t * d_s,
+        "head_weight_product_fwd_bwd": 4 * V * d_t * d_s * share,
     }
     c["total"] = sum(c.values())
     return c
@@ -138,7 +147,8 @@ def stage_flops(c: dict) -> dict:
 
 FLOP_FORMULA = ("FLOPs/step = teacher fwd 2*N*L*P_T + attn_fwd | student fwd+bwd 6*N*L*P_S + 3*attn_fwd | "
                 "weight products 4*d_S*L*P_T | clone targets 8*N*L*d_T*d_S | embedding 4*N*d_T*d_S | "
-                "head 2*N_h*V*d_T + 6*N_h*V*d_S + 4*V*d_T*d_S; attn_fwd = 2*B*S^2*H*h*L (causal), "
+                "head 2*N_h*V*d_T + 6*N_h*V*d_S + 4*V*d_T*d_S (the trainer forms W_S once an optimiser step: "
+                "weight products / accum, no embedding product with a tied head); attn_fwd = 2*B*S^2*H*h*L (causal), "
                 "P_x = d_x*(2*H*h + 2*H_kv*h + 3*F), N = B*S, N_h = B*(S-1)")
 
 
@@ -172,8 +182,8 @@ def preresolved_ops():
     orig = lmod.resolve_op
     table = {(n, f): orig(n, f) for n in ("clone_linear", "distill_head") for f in (True, False, None)}
 
-    def resolve(name, fused):
-        return table[(name, fused)]
+    def resolve(name, fused, variant=""):  # variant "_ws" (step weights): not this bench's path
+        return table[(name, fused)] if not variant else orig(name, fused, variant)
     saved = [(mod, getattr(mod, "resolve_op")) for mod in (lm, lmod) if hasattr(mod, "resolve_op")]
     for mod, _ in saved:
         mod.resolve_op = resolve

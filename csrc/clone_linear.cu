@@ -10,7 +10,10 @@ namespace {
 
 const char* const kOp = "clone_linear";
 constexpr int kThreads = 256;
-constexpr int kMaxBlocks = 1024;  // fixed, not per-device: same reduction order everywhere
+// Logical partial sums: at most 1024, fixed by the shape alone, so the reduction order (and the
+// bits) are the same on every device. The grid is per device (one wave: SMs x blocks an SM fit);
+// each block takes logical partials blockIdx.x, blockIdx.x + gridDim.x, ...
+constexpr int kMaxBlocks = 1024;
 constexpr int64_t kChunk = 4096;  // columns per tile
 
 template <typename T, int VEC>
@@ -25,10 +28,12 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 
 template <typename T, int VEC>
 __global__ void __launch_bounds__(kThreads)
     epilogue_partial_kernel(const T* __restrict__ y, int64_t ldy, const T* t, int64_t ldt, T* d, int64_t ldd,
-                            const float* __restrict__ w, int64_t rows, int64_t cols, int64_t nchunks, float* __restrict__ partial) {
-  float acc = 0.f;
+                            const float* __restrict__ w, int64_t rows, int64_t cols, int64_t nchunks, int nparts,
+                            float* __restrict__ partial) {
   const int64_t tiles = rows * nchunks;
-  for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
+  for (int part = blockIdx.x; part < nparts; part += gridDim.x) {
+  float acc = 0.f;
+  for (int64_t tile = part; tile < tiles; tile += nparts) {
     const int64_t r = tile / nchunks, c0 = (tile % nchunks) * kChunk, c1 = min(cols, c0 + kChunk);
     const T* yr = y + r * ldy;
     const T* tr = t + r * ldt;
@@ -56,7 +61,24 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   acc = block_sum(acc);
-  if (threadIdx.x == 0) partial[blockIdx.x] = acc;
+  if (threadIdx.x == 0) partial[part] = acc;
+  __syncthreads();  // block_sum's shared scratch is reused by the next logical partial
+  }
+}
+
+// Blocks of kThreads resident at once on the current device (cached per device).
+int one_wave_blocks() {
+  static int cache[64] = {0};
+  int dev = 0;
+  cuda_check(cudaGetDevice(&dev), kOp, "cudaGetDevice");
+  if (dev < 0 || dev >= 64) return kMaxBlocks;
+  if (cache[dev] == 0) {
+    int sms = 0, threads = 0;
+    cuda_check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev), kOp, "SM count");
+    cuda_check(cudaDeviceGetAttribute(&threads, cudaDevAttrMaxThreadsPerMultiProcessor, dev), kOp, "threads/SM");
+    cache[dev] = std::max(1, sms * std::max(1, threads / kThreads));
+  }
+  return cache[dev];
 }
 
 __global__ void __launch_bounds__(kMaxBlocks)
@@ -109,7 +131,8 @@ void clone_linear_epilogue_cuda(const void* y, int64_t ldy, const void* t, int64
     return;
   }
   const int64_t nchunks = (cols + kChunk - 1) / kChunk;
-  const int blocks = static_cast<int>(clone_linear_epilogue_cuda_workspace(rows, cols));
+  const int nparts = static_cast<int>(clone_linear_epilogue_cuda_workspace(rows, cols));
+  const int blocks = std::min(nparts, one_wave_blocks());
   dispatch_cuda_dtype(dt, kOp, [&](auto* tp) {
     using T = std::remove_pointer_t<decltype(tp)>;
     constexpr int VEC = 16 / sizeof(T);
@@ -120,13 +143,13 @@ void clone_linear_epilogue_cuda(const void* y, int64_t ldy, const void* t, int64
     T* td = static_cast<T*>(d);
     if (vec)
       epilogue_partial_kernel<T, VEC>
-          <<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, w, rows, cols, nchunks, workspace);
+          <<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, w, rows, cols, nchunks, nparts, workspace);
     else
       epilogue_partial_kernel<T, 1><<<blocks, kThreads, 0, s>>>(ty, ldy, tt, ldt, td, ldd, w, rows, cols, nchunks,
-                                                                 workspace);
+                                                                 nparts, workspace);
   });
   cuda_check(cudaGetLastError(), kOp, "epilogue_partial_kernel launch");
-  epilogue_final_kernel<<<1, kMaxBlocks, 0, s>>>(workspace, blocks, inv_numel, mse);
+  epilogue_final_kernel<<<1, kMaxBlocks, 0, s>>>(workspace, nparts, inv_numel, mse);
   cuda_check(cudaGetLastError(), kOp, "epilogue_final_kernel launch");
 }
 

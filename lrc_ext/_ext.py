@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.machinery
 import importlib.util
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -61,8 +62,46 @@ def available() -> bool:
 
 
 def cuda_available() -> bool:
-    """True when the CUDA kernels were compiled in and a GPU is visible to torch."""
-    return _C is not None and bool(_C.with_cuda) and torch.cuda.is_available()
+    """True when the CUDA kernels were compiled in, a GPU is visible to torch and the kernels
+    can run on it (see cuda_kernels_ok)."""
+    return _C is not None and bool(_C.with_cuda) and torch.cuda.is_available() and cuda_kernels_ok()[0]
+
+
+MIN_CAPABILITY = (8, 0)  # the oldest machine code the build embeds (sm_80); newer GPUs JIT the PTX
+_CUDA_STATE: tuple | None = None
+
+
+def _probe_cuda() -> tuple[bool, str]:
+    """(ok, why not) for running our CUDA kernels where torch's CUDA runs."""
+    if _C is None or not _C.with_cuda:
+        return False, "lrc_ext was built without CUDA kernels"
+    if not torch.cuda.is_available():
+        return False, "no GPU is visible to torch"
+    built = _C.build_info().get("cuda_version", "?")
+    if _C.cuda_device_count() == 0:  # the runtime linked into lrc_ext cannot use this driver
+        drv = _C.cuda_driver_version() if hasattr(_C, "cuda_driver_version") else 0
+        have = f"CUDA {drv // 1000}.{drv % 1000 // 10}" if drv else "an unknown CUDA version"
+        return False, (f"the installed NVIDIA driver supports {have}, older than the CUDA {built} runtime "
+                       f"lrc_ext's kernels were built with (torch {torch.version.cuda or '?'} runs on it)")
+    cc = min(torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count()))
+    if cc < MIN_CAPABILITY:
+        return False, (f"a GPU of compute capability {cc[0]}.{cc[1]} is below {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}, "
+                       f"the oldest lrc_ext's kernels are built for")
+    return True, ""
+
+
+def cuda_kernels_ok() -> tuple[bool, str]:
+    """Whether our CUDA kernels run here, checked once. Where torch's CUDA runs but ours cannot
+    (driver older than the build's CUDA, a GPU older than sm_80), the fused ops fall back to the
+    pure-PyTorch reference on CUDA tensors, with one warning."""
+    global _CUDA_STATE
+    if _CUDA_STATE is None:
+        _CUDA_STATE = _probe_cuda()
+        if not _CUDA_STATE[0] and _C is not None and _C.with_cuda and torch.cuda.is_available():
+            warnings.warn(f"lrc_ext: CUDA kernels disabled: {_CUDA_STATE[1]}; the pure-PyTorch reference ops run "
+                          f"on CUDA tensors instead (same results, slower). Rebuild lrc_ext against this machine's "
+                          f"CUDA (pip install .) to use the kernels.", RuntimeWarning, stacklevel=3)
+    return _CUDA_STATE
 
 
 def lib(op: str):
@@ -74,6 +113,9 @@ def lib(op: str):
 
 def require_cuda(op: str):
     c = lib(op)
+    if c.with_cuda and not cuda_kernels_ok()[0]:
+        raise RuntimeError(f"lrc_ext.{op}: the CUDA kernels cannot run here: {cuda_kernels_ok()[1]}; use the "
+                           f"reference op (lrc_ext.ops.{op}.{op}_reference) or rebuild lrc_ext (pip install .)")
     if not c.with_cuda:
         raise RuntimeError(f"lrc_ext.{op}: got CUDA tensors, but this lrc_ext was built without CUDA kernels "
                            f"(no nvcc at build time). Rebuild on a machine with nvcc (LRC_CUDA=ON pip install .) "

@@ -84,6 +84,17 @@ def _tokenize_batch(tokenizer, texts: list) -> list[list[int]]:
     return [x + [tokenizer.eos_token_id] for x in ids]
 
 
+def check_token_ids(ids, vocab: int, where: str):
+    """DataError unless every id is in [0, vocab): the one range check of the training data,
+    where it is read (host arrays, no device sync), so the forward need not check per call."""
+    if len(ids) == 0:
+        return
+    arr = ids.numpy() if torch.is_tensor(ids) else np.asarray(ids)
+    lo, hi = int(arr.min()), int(arr.max())
+    if lo < 0 or hi >= vocab:
+        raise DataError(f"{where}: token id {lo if lo < 0 else hi} is outside the tokenizer's vocabulary [0, {vocab})")
+
+
 class PackedData:
     """The whole corpus tokenised once (in memory as one int32 array), packed and split."""
 
@@ -97,6 +108,7 @@ class PackedData:
         lens = pc.list_value_length(col).to_numpy(zero_copy_only=False)
         ends = np.cumsum(lens)  # token index where each document (with its EOS) ends
         self.n_docs, self.n_tokens = int((lens > 0).sum()), int(flat.size)
+        check_token_ids(flat, len(tokenizer), f"--data {cfg.data}")
         if self.n_tokens == 0:
             raise DataError(f"--data {cfg.data}: empty, no text in column {field!r}")
         self.eval, cut = split_eval(flat, ends, cfg.eval_tokens, cfg.seq_len, cfg.data)

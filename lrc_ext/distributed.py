@@ -183,20 +183,32 @@ class Parallel:
             self.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
 
+    def average_grads(self, params):
+        """The gradients averaged over ranks in one coalesced all-reduce (DDP with step weights:
+        lrc_ext/step_weights.py). Every rank has the same set of gradients."""
+        grads = [p.grad for p in params if p.grad is not None]
+        if self.world > 1 and grads:
+            flat = torch._utils._flatten_dense_tensors(grads)
+            dist.all_reduce(flat)
+            flat /= self.world
+            for g, r in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+                g.copy_(r)
+
     def local_rows(self, n: int) -> tuple[int, int]:
         """(offset, count) of this rank's slice of a global micro-batch of n sequences."""
         per = n // self.world
         return self.rank * per, per
 
-    def clip_grad_norm_(self, params, max_norm: float) -> float:
+    def clip_grad_norm_(self, params, max_norm: float) -> torch.Tensor:
+        """Clip in place; the total norm as a 0-dim tensor on the device (no host sync)."""
         if self.mode != "fsdp":
-            return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+            return torch.nn.utils.clip_grad_norm_(params, max_norm)
         grads = [p.grad for p in params if p.grad is not None]
         total = torch.nn.utils.get_total_norm(grads, 2.0)
         if hasattr(total, "full_tensor"):  # DTensor: sum the shards' squares over ranks
             total = total.full_tensor()
         torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
-        return total.item()
+        return total
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of `t` over ranks (a CPU tensor in and out)."""

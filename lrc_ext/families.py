@@ -283,12 +283,23 @@ def export_folds(teacher: nn.Module, d_s: int, tied: bool) -> tuple:
     if not layout(teacher).embed_scaled:
         return 1.0, 1.0
     emb = teacher.model.embed_tokens
-    s_t = getattr(emb, "scalar_embed_scale", None) or float(emb.embed_scale)  # a float also on meta
-
-    def as_used(x):  # the stock module casts its scale to the weight's dtype
-        return float(torch.tensor(x, device="cpu").to(emb.weight.dtype))
-    k = as_used(s_t) / as_used(d_s ** 0.5)
+    k = embed_scale(teacher) / _as_used(d_s ** 0.5, emb.weight.dtype)
     return k, (1.0 / k if tied else 1.0)
+
+
+def _as_used(x: float, dtype: torch.dtype) -> float:
+    """A scale as the stock module applies it: cast to the weight's dtype."""
+    return float(torch.tensor(x, device="cpu").to(dtype))
+
+
+def embed_scale(teacher: nn.Module) -> float:
+    """The factor the teacher's embedding module multiplies its lookup by (Gemma-3:
+    sqrt(hidden_size), in the weight's dtype); 1.0 for the families without one."""
+    if not layout(teacher).embed_scaled:
+        return 1.0
+    emb = teacher.model.embed_tokens
+    s_t = getattr(emb, "scalar_embed_scale", None) or float(emb.embed_scale)  # a float also on meta
+    return _as_used(s_t, emb.weight.dtype)
 
 
 def head_dim(teacher: nn.Module) -> int:

@@ -240,6 +240,7 @@ class LowRankClone(nn.Module):
         self.kl_reduction, self.attn_clone_space = kl_reduction, attn_clone_space
         self.clone_norm, self.clone_exclude = clone_norm, clone_exclude
         self.tokenizer = tokenizer
+        self.check_values = False  # True: check id / mask / label values of accelerator inputs too (host syncs)
 
         emb, head = teacher.get_input_embeddings().weight, teacher.get_output_embeddings().weight
         teacher_tied = emb is head
@@ -389,8 +390,12 @@ class LowRankClone(nn.Module):
                                  f"{getattr(t, 'dtype', type(t).__name__)} of shape {tuple(getattr(t, 'shape', ()))}")
             return t.to(dev)
 
+        # The value checks read the tensors on the host: done for CPU inputs (no device sync),
+        # for accelerator inputs only with check_values=True; the trainer's data is checked once
+        # where it is read (lrc_ext/data.py check_token_ids).
+        values = self.check_values or not input_ids.is_cuda
         input_ids = as_ids("input_ids", input_ids)
-        lo, hi = int(input_ids.min()), int(input_ids.max())
+        lo, hi = (int(input_ids.min()), int(input_ids.max())) if values else (0, 0)
         if lo < 0 or hi >= vocab:
             raise ValueError(f"input_ids: ids must be in [0, {vocab}) (the teacher's vocabulary), "
                              f"got min {lo}, max {hi}")
@@ -399,9 +404,9 @@ class LowRankClone(nn.Module):
                 raise ValueError(f"attention_mask: expected shape {tuple(input_ids.shape)} like input_ids, got "
                                  f"{tuple(getattr(attention_mask, 'shape', ()))}")
             attention_mask = attention_mask.to(dev)
-            if not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
+            if values and not bool(((attention_mask == 0) | (attention_mask == 1)).all()):
                 raise ValueError("attention_mask: values must be 0 (padding) or 1")
-            if not bool(attention_mask.any()):
+            if values and not bool(attention_mask.any()):
                 raise ValueError("attention_mask: every token is padding")
             attention_mask = attention_mask.long()
         if labels is not None:
@@ -409,13 +414,21 @@ class LowRankClone(nn.Module):
             if labels.shape != input_ids.shape:
                 raise ValueError(f"labels: expected shape {tuple(input_ids.shape)} like input_ids (shifted "
                                  f"inside), got {tuple(labels.shape)}")
-            if not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
+            if values and not bool(((labels == -100) | ((labels >= 0) & (labels < vocab))).all()):
                 raise ValueError(f"labels: values must be in [0, {vocab}) or -100 (ignored)")
         return input_ids, attention_mask, labels
 
     def _run(self, input_ids, attention_mask, labels, with_teacher: bool, return_logits: bool) -> LRCOutput:
         walk = LayerWalk(self, input_ids, attention_mask)
-        x_s = walk.pick(walk.e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
+        e_s = self.__dict__.get("step_emb")  # E_S formed this optimiser step (tied head), if any
+        if e_s is not None:
+            x_s = e_s.index_select(0, walk.pick(input_ids[..., None])[:, 0])
+            if self.layout.embed_scaled:  # the teacher's lookup carries its scale (Gemma-3): so must E_S[ids]
+                x_s = x_s * fam.embed_scale(self.teacher)
+            dev = x_s.device.type
+            x_s = x_s.to(torch.get_autocast_dtype(dev)) if torch.is_autocast_enabled(dev) else x_s
+        else:
+            x_s = walk.pick(walk.e_t) @ self.p_emb  # gather, then project: never E_T @ P_emb
         x_t = walk.e_t
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
@@ -444,11 +457,17 @@ class LowRankClone(nn.Module):
         h_t = (self.teacher.model.norm(walk.pick(x_t)) if x_t is not None
                else h_s.new_zeros(h_s.shape[0], self.teacher.config.hidden_size))  # lm only: no teacher
         w_t, p = self.teacher.get_output_embeddings().weight.detach(), self.head_proj
+        w_s = self.__dict__.get("step_head")  # W_head_S formed this optimiser step, if any
         dev = h_s.device.type  # one dtype for the head op: autocast's, else the student's
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else h_s.dtype
-        h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p))
-        return resolve_op("distill_head", self.fused)(
-            h_s, h_t, w_t, p, nxt, tau=self.tau, lm_weight=float(self.use_lm),
+        h_s, h_t, w_t, p = (z.to(dt) for z in (h_s, h_t, w_t, p if w_s is None else w_s))
+        extra, op = {}, resolve_op("distill_head", self.fused)
+        if w_s is not None:
+            op = resolve_op("distill_head", self.fused, "_ws")
+            if labels is None and walk.rows is None:  # labelled: all but each row's last, known from the shape
+                extra["n_valid"] = walk.B * (walk.S - 1)  # no count, no host sync
+        return op(
+            h_s, h_t, w_t, p, nxt, **extra, tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,
             tau_squared=self.tau_squared)
 

@@ -2,16 +2,19 @@
 "The method"), and the one switch that picks fused or reference ops."""
 from __future__ import annotations
 
+import functools
 import importlib
 
 import torch
 from torch import nn
 
+from . import _ext
 from .ops.clone_linear import side_is_out
 
 
-def resolve_op(name: str, fused: bool | None):
-    """``lrc_ext.ops.<name>.<name>`` (the fused op) or its ``<name>_reference``.
+def resolve_op(name: str, fused: bool | None, variant: str = ""):
+    """``lrc_ext.ops.<name>.<name><variant>`` (the fused op) or its ``<name><variant>_reference``
+    (variant "_ws": the op that takes W_S formed by lrc_ext/step_weights.py).
 
     fused=False: always the reference. fused=True/None: the fused op when that module defines it,
     else the reference, so the same model code runs before and after the kernels land.
@@ -20,10 +23,28 @@ def resolve_op(name: str, fused: bool | None):
     if mod is None:  # import once: a dict lookup afterwards keeps torch.compile graphs whole
         mod = _MODULES[name] = importlib.import_module(f"lrc_ext.ops.{name}")
     # Attributes are read on every call, so a wrapped or patched op (profilers, tests) is seen.
-    ref = getattr(mod, f"{name}_reference")
+    ref = getattr(mod, f"{name}{variant}_reference")
     if fused is False:
         return ref
-    return getattr(mod, name, None) or ref
+    op = getattr(mod, name + variant, None) or ref
+    if op is not ref and _cuda_fallback():
+        return functools.partial(_by_device, op, ref)  # kernels unusable on this GPU: reference there
+    return op
+
+
+def _cuda_fallback() -> bool:
+    """A GPU torch can use on which our kernels cannot run (checked once: lrc_ext/_ext.py)."""
+    if _FALLBACK[0] is None:
+        _FALLBACK[0] = torch.cuda.is_available() and not _ext.cuda_kernels_ok()[0]
+    return _FALLBACK[0]
+
+
+_FALLBACK: list = [None]
+
+
+def _by_device(fused, ref, x, *args, **kw):
+    """The fused op on CPU tensors, the reference on CUDA ones (cuda_kernels_ok said no)."""
+    return (ref if x.is_cuda else fused)(x, *args, **kw)
 
 
 _MODULES: dict = {}
@@ -64,6 +85,7 @@ class FusedCloneLinear(nn.Module):
             raise ValueError(f"FusedCloneLinear: student_features must be in [1, {d_t}], got {student_features}")
         self.__dict__["teacher"] = teacher_linear  # plain attribute: bypasses Module registration
         self.side, self.fused = side, fused
+        self.__dict__["step_ws"] = None  # W_S of the optimiser step (lrc_ext/step_weights.py), if any
         dtype, device = student_placement(w, dtype)
         self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=dtype, device=device))
         nn.init.normal_(self.proj, 0.0, init_std)
@@ -87,8 +109,14 @@ class FusedCloneLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, target: torch.Tensor | None = None, fused: bool | None = None,
                 row_weight: torch.Tensor | None = None):
-        op = resolve_op("clone_linear", self.fused if fused is None else fused)
+        fused = self.fused if fused is None else fused
         extra = {} if row_weight is None else {"row_weight": row_weight}  # the MSE's row weights, if any
+        w_s = self.__dict__.get("step_ws")
+        if w_s is not None:  # formed once this optimiser step; P enters only through the target
+            y, mse = resolve_op("clone_linear", fused, "_ws")(x, w_s, self.student_bias(), target, self.proj,
+                                                              self.side, **extra)
+            return y if target is None else (y, mse)
+        op = resolve_op("clone_linear", fused)
         # detach: the teacher stays frozen even if the caller left requires_grad on its weights
         y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side, **extra)
         return y if target is None else (y, mse)

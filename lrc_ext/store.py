@@ -41,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from .checkpoint import fsync as _fsync
-from .data import DataError, open_documents
+from .data import DataError, check_token_ids, open_documents
 
 FORMAT = 1
 KIND = "lrc_ext.token_store"
@@ -416,6 +416,8 @@ class StoreData:
                                                str(store.path))
         m = -(-cfg.eval_tokens // cfg.seq_len) if cfg.eval_tokens > 0 else 0
         self.eval = torch.from_numpy(np.asarray(store.tokens[:m * cfg.seq_len], dtype=np.int64).reshape(m, cfg.seq_len))
+        # the held-out rows' one range check (the training rows are checked by _Rows.read)
+        check_token_ids(self.eval, int(store.manifest["tokenizer"]["vocab_size"]), f"{store.path / TOKENS}: corrupt")
         self.n_train = (store.n_tokens - self.cut) // cfg.seq_len
         if self.n_train == 0:
             raise DataError(too_small(store.path, store.n_tokens - self.cut, self.cut, cfg.seq_len))

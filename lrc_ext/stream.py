@@ -18,7 +18,7 @@ from itertools import islice
 import numpy as np
 import torch
 
-from .data import DataError, open_documents
+from .data import DataError, check_token_ids, open_documents
 
 BLOCK = 10_000  # documents shuffled together
 
@@ -45,6 +45,8 @@ class StreamedData:
                             f"{m * cfg.seq_len:,} for evaluation; lower --eval-tokens")
         self.eval = (torch.tensor(buf[: m * cfg.seq_len], dtype=torch.long).view(m, cfg.seq_len) if m
                      else torch.zeros(0, cfg.seq_len, dtype=torch.long))
+        self.vocab = len(tokenizer)
+        check_token_ids(self.eval, self.vocab, f"--data {cfg.data}")
         self.skip_docs = n_docs
         self._reset()
 
@@ -101,7 +103,9 @@ class StreamedData:
             self._reset()
         while self.pos < pos:  # at most a micro-batch after load_state_dict; from the start without one
             self._next_seq()
-        return torch.tensor([self._next_seq() for _ in range(n)], dtype=torch.long)
+        rows = torch.tensor([self._next_seq() for _ in range(n)], dtype=torch.long)
+        check_token_ids(rows, self.vocab, f"--data {self.cfg.data}")  # the one range check of these ids
+        return rows
 
     def state_dict(self) -> dict:
         return {"kind": "stream", "pos": self.pos, "epoch": self.epoch, "block": self.block,

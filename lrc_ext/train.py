@@ -40,6 +40,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, config, distributed, loggers
 from .config import ConfigError, TrainConfig
+from .step_weights import StepWeights
 
 PROG = "lrc_ext.train"
 
@@ -128,10 +129,36 @@ def resolve_device(cfg: TrainConfig):
                               f"give --device cuda (or auto)")
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
-    dtype = cfg.dtype if cfg.dtype != "auto" else ("bfloat16" if device.type == "cuda" else "float32")
+    dtype, why = auto_dtype(device) if cfg.dtype == "auto" else (cfg.dtype, "--dtype")
     amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
            else contextlib.nullcontext())
-    return device, dtype, amp
+    return device, dtype, amp, why
+
+
+BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 matmul instructions (x86)
+
+
+def cpu_flags() -> set:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def auto_dtype(device) -> tuple[str, str]:
+    """--dtype auto: (dtype, why). bf16 autocast (fp32 master weights) on CUDA and on CPUs with
+    native bf16 matmul; fp32 elsewhere (emulated bf16 is slower than fp32)."""
+    if device.type == "cuda":
+        return "bfloat16", "auto: CUDA"
+    have = sorted(cpu_flags() & set(BF16_CPU_FLAGS))
+    if have:
+        return "bfloat16", f"auto: the CPU has {'/'.join(have)}; parity in bench/results/bf16_cpu_parity.md"
+    return "float32", "auto: no native bf16 matmul on this CPU (no avx512_bf16 / amx_bf16)"
 
 
 def resume_config(ckpt: Path, given: dict) -> TrainConfig:
@@ -296,7 +323,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     from . import data as data_mod
     from . import teacher as teacher_mod
     global _MAIN
-    device, dtype, amp = resolve_device(cfg)
+    device, dtype, amp, dtype_why = resolve_device(cfg)
     par = distributed.Parallel(distributed.resolve_mode(cfg.parallel))
     par.init(device.type, cfg.dist_timeout)
     _MAIN = par.is_main
@@ -331,7 +358,8 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
         f"parameters ({'reference' if cfg.reference else 'fused where available'} path)")
     total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
-        f"{total * step_tokens:,} tokens on {device} ({dtype}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
+        f"{total * step_tokens:,} tokens on {device} ({dtype}{' autocast' if dtype == 'bfloat16' else ''}, "
+        f"{dtype_why}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
     if par.active:
         b = distributed.param_bytes(model)
         say(f"parallel {par.mode} over {par.world} rank{'s' if par.world > 1 else ''} ({par.backend}), "
@@ -376,6 +404,9 @@ class Trainer:
         self.accum, self.step_tokens = cfg.accum_steps(), cfg.step_tokens()
         self.offset, self.rows = self.par.local_rows(cfg.micro_batch_size)  # this rank's slice of a micro-batch
         self.progress = Progress()
+        # W_S formed once a step (lrc_ext/step_weights.py); FSDP2 gathers W_T a layer at a time, so
+        # there the ops form W_S per micro-batch (docs/DESIGN.md, "Step weights")
+        self.step_weights = self.par.mode != "fsdp" and hasattr(model, "head_proj")
         self.stop = None          # the StopFlag while fit() runs
         self.halt = None          # the stop reason all ranks agree on
         self.teacher_lm = None    # the teacher's held-out CE, computed at the first evaluation
@@ -429,17 +460,17 @@ class Trainer:
 
     # ---- one optimiser step ----------------------------------------------------------------------
     def forward_backward_step(self, x: torch.Tensor, micro: int) -> dict:
-        """Forward + backward of one micro-batch (gradients scaled by 1/accum); its loss terms."""
-        with self.par.accumulate(last=micro == self.accum - 1):  # gradients sync on the last micro-batch only
+        """Forward + backward of one micro-batch (gradients scaled by 1/accum); its loss terms,
+        as 0-dim tensors on the device (read once a step, in train_step)."""
+        # gradients sync on the last micro-batch only; with step weights under DDP the trainer
+        # all-reduces them itself after the step's grad_P (DDP's reducer never sees that backward)
+        last = micro == self.accum - 1 and not (self.step_weights and self.par.mode == "ddp")
+        with self.par.accumulate(last=last):
             with self.amp:
                 out = self.net(x)
             terms = {"loss": out.loss, "lm": out.lm, "kl": out.kl, **{f"clone_{k}": v for k, v in out.clone.items()}}
-            # host sync: the terms of every micro-batch, for the finiteness check and the log
-            vals = dict(zip(terms, torch.stack([v.detach().float() for v in terms.values()]).tolist()))
-            if not self.par.active:
-                self._check_finite(vals, micro)
             (out.loss / self.accum).backward()
-        return vals
+        return {k: v.detach().float() for k, v in terms.items()}
 
     def train_step(self) -> dict:
         """One optimiser step over `accum` micro-batches; returns the step's log record."""
@@ -450,17 +481,31 @@ class Trainer:
         for g in self.opt.param_groups:
             g["lr"] = lr
         per_micro = []
-        for micro in range(self.accum):
-            x = self.data.batch(p.pos + self.offset, self.rows).to(self.device)
-            p.pos += cfg.micro_batch_size
-            per_micro.append(self.forward_backward_step(x, micro))
-        per_micro = self._agree(per_micro)
+        sw = StepWeights(self.model) if self.step_weights else None
+        try:
+            for micro in range(self.accum):
+                x = self.data.batch(p.pos + self.offset, self.rows).to(self.device)
+                p.pos += cfg.micro_batch_size
+                per_micro.append(self.forward_backward_step(x, micro))
+            if sw is not None:
+                sw.backward()  # grad_P from the step's accumulated grad_W_S, once
+                if self.par.mode == "ddp":
+                    self.par.average_grads(self.params)  # the step's one gradient all-reduce
+        finally:
+            if sw is not None:
+                sw.close()
+        gnorm = self.par.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        keys = list(per_micro[0])
+        # host sync: the one a step - every micro-batch's terms and the gradient norm, for the
+        # finiteness checks and the log record (before the optimiser step: a bad step is not taken)
+        flat = torch.stack([torch.stack([v[k] for k in keys]) for v in per_micro]
+                           + [gnorm.detach().float().expand(len(keys))]).tolist()
+        gnorm = flat.pop()[0]
+        per_micro = self._agree([dict(zip(keys, row)) for row in flat])
         sums: dict = {}
         for vals in per_micro:
             for k, v in vals.items():
                 sums[k] = sums.get(k, 0.0) + v / self.accum
-        # host sync: the gradient norm
-        gnorm = self.par.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
         if not math.isfinite(gnorm):
             raise NonFiniteLoss(f"non-finite gradient norm at step {p.step + 1} ({gnorm}); stopped without "
                                 f"checkpointing it (last good checkpoint: {self._last_checkpoint()})")
@@ -481,6 +526,8 @@ class Trainer:
         stopped = self.stop is not None and self.stop.reason is not None
         if not self.par.active:
             self.halt = self.stop.reason if self.stop is not None else None
+            for micro, vals in enumerate(per_micro):
+                self._check_finite(vals, micro)
             return per_micro
         keys = list(per_micro[0])
         flat = torch.tensor([[v[k] for k in keys] for v in per_micro] + [[float(stopped)] * len(keys)],

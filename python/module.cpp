@@ -48,5 +48,18 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   });
+  // The CUDA version the installed driver supports (e.g. 12080; 0 without a driver).
+  m.def("cuda_driver_version", []() {
+#ifdef LRC_WITH_CUDA
+    int v = 0;
+    if (cudaDriverGetVersion(&v) != cudaSuccess) {
+      cudaGetLastError();
+      return 0;
+    }
+    return v;
+#else
+    return 0;
+#endif
+  });
   for (auto& bind : lrc_py::binders()) bind(m);
 }

@@ -34,6 +34,8 @@ def args_for(tiny, out, **over):
     a = {"--teacher": tiny["teacher"], "--data": tiny["data"], "--student-hidden-size": 32, "--seq-len": 32,
          "--micro-batch-size": 2, "--tokens-per-step": 128, "--max-steps": 6, "--eval-every": 3,
          "--save-every": 2, "--keep-checkpoints": 2, "--eval-tokens": 64, "--gen-tokens": 0, "--output-dir": out}
+    # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
+    a.setdefault("--dtype", "float32")
     a.update(over)
     return [str(x) for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 

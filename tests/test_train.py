@@ -97,6 +97,8 @@ def tiny_args(tiny, out, **over):
          "--micro-batch-size": 2, "--tokens-per-step": 128, "--max-steps": 8, "--eval-every": 4,
          "--save-every": 3, "--keep-checkpoints": 2, "--eval-tokens": 64, "--gen-tokens": 4,
          "--prompt": "the python", "--output-dir": out}
+    # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
+    a.setdefault("--dtype", "float32")
     a.update(over)
     return [x for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 
@@ -502,7 +504,7 @@ class _CastCounter:
             def __torch_dispatch__(self, func, types, args=(), kwargs=None):
                 if func is torch.ops.aten._to_copy.default and args[0].untyped_storage().data_ptr() in ptrs:
                     counter.casts += 1
-                if func is torch.ops.lrc_ext.clone_linear.default:
+                if func in (torch.ops.lrc_ext.clone_linear.default, torch.ops.lrc_ext.clone_linear_ws.default):
                     counter.clone_linears += 1
                 return func(*args, **(kwargs or {}))
         self.mode = Mode()

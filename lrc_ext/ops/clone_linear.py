@@ -223,6 +223,18 @@ def _merge(grad_y: Tensor | None, d: Tensor, grad_mse: Tensor, k: float) -> Tens
     return g
 
 
+def _mm_acc(a: Tensor, b: Tensor, acc: torch.dtype) -> Tensor:
+    """a @ b accumulated and returned in `acc` (fp32 for half inputs; the input dtype otherwise)."""
+    if a.dtype == acc:
+        return torch.mm(a, b)
+    if a.is_cuda:
+        try:
+            return torch.mm(a, b, out_dtype=acc)  # cuBLAS: half inputs, fp32 output
+        except (RuntimeError, TypeError):
+            pass
+    return torch.mm(a.to(acc), b.to(acc))
+
+
 def _no_autocast(t: Tensor):
     dev = t.device.type
     if dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev):
@@ -247,7 +259,7 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
         fused = None if row_weight is not None else _cutlass.forward(x, w_s, bias, target, proj, side_out)
         if fused is not None:
             y, d, mse = fused
-            g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else x.new_empty(0)
+            g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else x.new_empty(0)
             return y, mse, w_s, d, g_t
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
@@ -259,7 +271,8 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
         mse = _epilogue(y, t, d, row_weight.contiguous() if row_weight is not None else None)
-        g_t = torch.mm(target.t(), d) if side_out and target_proj_grad else empty.clone()
+        # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
+        g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
     return y, mse, w_s, d, g_t
 
 
@@ -271,7 +284,8 @@ def _(x, weight, proj, bias, target, side_out, target_proj_grad, row_weight=None
     w_s = x.new_empty((out_s, in_s))
     mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty((x.shape[0], out_s)) if target is not None else x.new_empty(0)
-    g_t = x.new_empty(tuple(proj.shape)) if (target is not None and side_out and target_proj_grad) else x.new_empty(0)
+    g_t = (x.new_empty(tuple(proj.shape), dtype=_ext.acc_dtype(x.dtype))
+           if (target is not None and side_out and target_proj_grad) else x.new_empty(0))
     return y, mse, w_s, d, g_t
 
 
@@ -335,9 +349,12 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
         gws = torch.mm(g.t(), x) if (need_w or need_p) else None
         if need_p:
             if side_out:
-                gp = torch.mm(weight, gws.t())
+                # W_T @ grad_W_S.T and the G_t term nearly cancel: both in fp32, one cast at the end
+                acc = _ext.acc_dtype(x.dtype)
+                gp = _mm_acc(weight, gws.t(), acc)
                 if use_mse:
-                    gp.addcmul_(g_t, grad_mse.to(gp.dtype if gp.dtype == torch.float64 else torch.float32), value=-k)
+                    gp.addcmul_(g_t.to(acc), grad_mse.to(acc), value=-k)
+                gp = gp.to(proj.dtype)
             else:
                 gp = torch.mm(weight.t(), gws)
         else:
@@ -410,3 +427,181 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
                                                             w2)
     y = y.view(*lead, y.shape[-1])
     return y, (mse if target is not None else None)
+
+
+# ----------------------------------------------------------------------------- given W_S
+# The same op with W_S given (formed once an optimiser step by the caller, lrc_ext/step_weights.py):
+# no formation in the forward, and grad_W_S instead of grad_P in the backward. On the output
+# side P still enters through the target y_T @ P; its gradient there (-(2 grad_mse / numel) G_t)
+# is returned for P.
+
+def clone_linear_ws_reference(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
+                              proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+    """Plain PyTorch, W_S given (out_S, in_S); proj only for the output side's target @ P;
+    row_weight as in :func:`clone_linear_reference`."""
+    side_out = side_is_out(side)
+    y = torch.nn.functional.linear(x, w_s, bias)
+    if target is None:
+        return y, None
+    d = (y - (target @ proj if side_out else target)).float()
+    if row_weight is None:
+        return y, (d * d).mean()
+    w = row_weight.to(d.dtype)
+    wsum = w.sum()
+    return y, (w[..., None] * d * d).sum() / (torch.where(wsum > 0, wsum, 1) * d.shape[-1])
+
+
+def _validate_ws(x, w_s, bias, target, proj, side_out: bool):
+    _ext.check(_OP, "x", x, ndim=2)
+    _ext.check(_OP, "x", x, dtypes=_ext.dtypes_for(x))
+    _check_same("w_s", w_s, x, 2)
+    if x.shape[1] != w_s.shape[1]:
+        raise _err(f"argument 'x' must have last dimension {w_s.shape[1]} (w_s.shape[1]), got {tuple(x.shape)}")
+    if bias is not None:
+        _check_same("bias", bias, x, 1)
+        if bias.shape[0] != w_s.shape[0]:
+            raise _err(f"argument 'bias' must have shape ({w_s.shape[0]},), got {tuple(bias.shape)}")
+    if target is None:
+        return
+    _check_same("target", target, x, 2)
+    if side_out:
+        if proj is None:
+            raise _err("argument 'proj' is needed on the output side with a target (compared as target @ proj)")
+        _check_same("proj", proj, x, 2)
+        if proj.shape[1] != w_s.shape[0] or target.shape != (x.shape[0], proj.shape[0]):
+            raise _err(f"arguments 'target' {tuple(target.shape)} and 'proj' {tuple(proj.shape)} do not fit x "
+                       f"{tuple(x.shape)} and w_s {tuple(w_s.shape)} (target @ proj must be (N, out_S))")
+    elif target.shape != (x.shape[0], w_s.shape[0]):
+        raise _err(f"argument 'target' must have shape {(x.shape[0], w_s.shape[0])}, got {tuple(target.shape)}")
+
+
+@torch.library.custom_op("lrc_ext::clone_linear_ws", mutates_args=())
+def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
+                        proj: Optional[Tensor], side_out: bool, target_proj_grad: bool,
+                        row_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(y, mse, d, G_t) as the clone_linear op, W_S given. Always the cuBLAS GEMM + epilogue
+    kernel: the CUTLASS sm90 path fuses the W_S formation it would skip here, so it is not
+    taken (a W_S-given CUTLASS variant is not written)."""
+    _validate_ws(x, w_s, bias, target, proj, side_out)
+    _check_row_weight(row_weight, x, target)
+    with _no_autocast(x):
+        y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
+        empty = x.new_empty(0)
+        if target is None:
+            return y, x.new_zeros((), dtype=_ext.acc_dtype(x.dtype)), empty, empty.clone()
+        if side_out:
+            d = t = torch.mm(target, proj)
+        else:
+            t = target if _rows_ok(target) else target.contiguous()
+            d = torch.empty_like(y)
+        mse = _epilogue(y, t, d, row_weight.contiguous() if row_weight is not None else None)
+        # G_t in fp32 (fp64 for fp64): it nearly cancels W_T @ grad_W_S.T in grad_P
+        g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else empty.clone()
+    return y, mse, d, g_t
+
+
+@_clone_linear_ws_op.register_fake
+def _(x, w_s, bias, target, proj, side_out, target_proj_grad, row_weight=None):
+    y = x.new_empty((x.shape[0], w_s.shape[0]))
+    mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
+    d = x.new_empty(tuple(y.shape)) if target is not None else x.new_empty(0)
+    g_t = (x.new_empty(tuple(proj.shape), dtype=_ext.acc_dtype(x.dtype))
+           if (target is not None and side_out and target_proj_grad) else x.new_empty(0))
+    return y, mse, d, g_t
+
+
+def _setup_ws(ctx, inputs, output):
+    x, w_s, bias, target, proj, side_out, _, row_weight = inputs
+    _, mse, d, g_t = output
+    # weighted rows: grad_mse scaled by N / sum(w), as in _setup
+    mse_scale = (x.shape[0] / _wsum(row_weight, mse.dtype) if row_weight is not None and target is not None
+                 else None)
+    ctx.save_for_backward(x, w_s, proj, d, g_t, mse_scale)
+    ctx.set_materialize_grads(False)
+    ctx.side_out, ctx.has_target = side_out, target is not None
+
+
+def _backward_ws(ctx, grad_y, grad_mse, _g_d, _g_gt):
+    x, w_s, proj, d, g_t, mse_scale = ctx.saved_tensors
+    needs = list(ctx.needs_input_grad[:5])  # x, w_s, bias, target, proj
+    if not ctx.has_target:
+        grad_mse, needs[3], needs[4] = None, False, False
+    if grad_mse is not None and mse_scale is not None:
+        grad_mse = grad_mse * mse_scale
+    if ctx.side_out and needs[4] and grad_mse is not None and g_t.numel() == 0:
+        raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
+                           f"call lrc_ext.ops.clone_linear_ws(), which sets it")
+    grads = torch.ops.lrc_ext.clone_linear_ws_backward(grad_y, grad_mse, x, w_s, proj, d, g_t, ctx.side_out, needs)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+
+
+@torch.library.custom_op("lrc_ext::clone_linear_ws_backward", mutates_args=())
+def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tensor], x: Tensor, w_s: Tensor,
+                                 proj: Optional[Tensor], d: Tensor, g_t: Tensor, side_out: bool,
+                                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, w_s, bias, target, proj); empty tensors for those not in needs."""
+    need_x, need_w, need_b, need_t, need_p = needs
+    use_mse = grad_mse is not None and d.numel() > 0
+    n, out_s = x.shape[0], w_s.shape[0]
+    k = 2.0 / (n * out_s) if n * out_s else 0.0
+    empty = x.new_empty(0)
+    with _no_autocast(x):
+        if grad_y is not None and not _rows_ok(grad_y):
+            grad_y = grad_y.contiguous()
+        g = _merge(grad_y, d, grad_mse, k) if use_mse else (grad_y if grad_y is not None else x.new_zeros(n, out_s))
+        gx = torch.mm(g, w_s) if need_x else empty
+        gw = torch.mm(g.t(), x) if need_w else empty.clone()
+        gb = g.sum(0) if need_b else empty.clone()
+        gt, gp = empty.clone(), empty.clone()
+        s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k) if use_mse else None
+        if need_t:
+            gt = (((torch.mm(d, proj.t()) if side_out else d) * s).to(d.dtype) if use_mse
+                  else x.new_zeros((n, proj.shape[0] if side_out else out_s)))
+        if need_p:
+            gp = (g_t * s).to(proj.dtype) if (use_mse and side_out) else torch.zeros_like(proj)
+    return gx, gw, gb, gt, gp
+
+
+@_clone_linear_ws_backward_op.register_fake
+def _(grad_y, grad_mse, x, w_s, proj, d, g_t, side_out, needs):
+    need_x, need_w, need_b, need_t, need_p = needs
+    n, out_s = x.shape[0], w_s.shape[0]
+
+    def maybe(need, shape):
+        return x.new_empty(shape) if need else x.new_empty(0)
+    return (maybe(need_x, tuple(x.shape)), maybe(need_w, tuple(w_s.shape)), maybe(need_b, (out_s,)),
+            maybe(need_t, (n, proj.shape[0] if side_out else out_s)),
+            maybe(need_p, tuple(proj.shape) if proj is not None else (0,)))
+
+
+_clone_linear_ws_op.register_autograd(_backward_ws, setup_context=_setup_ws)
+
+
+def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
+                    proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+    """Fused clone linear with W_S given; same contract as :func:`clone_linear_ws_reference`.
+    Gradients flow to x and w_s (and to bias / target when they require grad); on the output
+    side to proj through the target's ``target @ proj`` only. ``row_weight`` as in
+    :func:`clone_linear`."""
+    _ext.check_tensors(_OP, ("bias", "target", "proj", "row_weight"), x=x, w_s=w_s, bias=bias, target=target,
+                       proj=proj, row_weight=row_weight)
+    side_out = side_is_out(side)
+    if row_weight is not None:
+        if target is None:
+            raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
+        if tuple(row_weight.shape) != tuple(x.shape[:-1]):
+            raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
+                       f"one weight per row), got {tuple(row_weight.shape)}")
+    if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
+        raise _err(f"argument 'target' must have x's leading dimensions {tuple(x.shape[:-1])}, "
+                   f"got {tuple(target.shape)}")
+    x, w_s, bias, target, proj = _autocast(x, w_s, bias, target, proj)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    t2 = target.reshape(-1, target.shape[-1]) if target is not None else None
+    tpg = bool(side_out and target is not None and proj is not None and proj.requires_grad
+               and torch.is_grad_enabled())
+    w2 = row_weight.detach().reshape(-1).to(torch.float32) if row_weight is not None else None
+    y, mse, _d, _g_t = torch.ops.lrc_ext.clone_linear_ws(x2, w_s, bias, t2, proj if side_out else None, side_out, tpg,
+                                                         w2)
+    return y.view(*lead, y.shape[-1]), (mse if target is not None else None)

@@ -75,13 +75,14 @@ last_plan: dict = {}
 def distill_head_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, labels: Tensor, *,
                            tau: float = 40.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
                            kl_reduction: str = "batchmean", batch_size: int | None = None,
-                           tau_squared: bool = False):
-    """Plain PyTorch with full N x V logits: the oracle for the fused op."""
+                           tau_squared: bool = False, w_head_s: Tensor | None = None):
+    """Plain PyTorch with full N x V logits: the oracle for the fused op. ``w_head_s``: W_head_S
+    given (then ``p_head`` is not read)."""
     check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
                   batch_size=batch_size)
     acc = _ext.acc_dtype(h_s.dtype)
     n_valid = (labels != IGNORE_INDEX).sum()
-    z_s = (h_s @ (w_head_t @ p_head).t()).to(acc)
+    z_s = (h_s @ (w_head_t @ p_head if w_head_s is None else w_head_s).t()).to(acc)
     z_t = (h_t @ w_head_t.t()).to(acc)
     ce = F.cross_entropy(z_s, labels, ignore_index=IGNORE_INDEX, reduction="sum") / n_valid.clamp(min=1)
     logp_s = F.log_softmax(z_s / tau, dim=-1)
@@ -172,9 +173,9 @@ def plan_chunk(rows: int, vocab: int, dtype: torch.dtype, device: torch.device, 
     if device.type == "cuda":
         env = os.environ.get("LRC_DISTILL_HEAD_CHUNK_MB")
         budget = int(float(env) * (1 << 20)) if env else CUDA_CHUNK_BYTES
-        free, _ = torch.cuda.mem_get_info(device)
-        free += torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-        budget = min(budget, free // 4)
+        # what torch's allocator has not handed out, from its host-side counters (no device call)
+        free = torch.cuda.get_device_properties(device).total_memory - torch.cuda.memory_allocated(device)
+        budget = min(budget, max(free, 0) // 4)
     else:
         budget = CPU_CHUNK_BYTES
     max_rows = max(1, budget // per_row)
@@ -279,19 +280,24 @@ def _launch_rows(zs: Tensor, zt: Tensor | None, labels: Tensor, inv_tau: float, 
 
 def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, labels: Tensor, tau: float,
              lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None, tau_squared: bool,
-             chunk_size: int, need_h: bool, need_p: bool, record: bool = True):
-    """(lm, kl, grad_h_s, grad_p_head) with the gradients of lm + kl (fp32; fp64 for fp64)."""
+             chunk_size: int, need_h: bool, need_p: bool, record: bool = True, w_s: Tensor | None = None,
+             n_valid: int = -1):
+    """(lm, kl, grad_h_s, grad_p_head) with the gradients of lm + kl (fp32; fp64 for fp64).
+    w_s given (W_head_S formed by the caller; p_head is then that w_s): grad W_head_S in place
+    of grad P_head, by the "student" GEMMs. n_valid >= 0: the caller's count of non-ignored
+    labels, all of them in range (no check, no host sync)."""
     acc = _ext.acc_dtype(h_s.dtype)
     n, d_s = h_s.shape
     vocab, d_t = w_head_t.shape
     dev = h_s.device
-    n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
+    if n_valid < 0:
+        n_valid = _label_stats(labels, vocab)  # host sync: the count sizes the chunks
     do_ce, do_kl = lm_weight != 0.0, kl_weight != 0.0 and h_t is not None
     n_rows = n if do_kl else n_valid  # rows taking part: the KL counts every row, the CE the labelled ones
     need_grad = need_h or need_p
     zero = torch.zeros((), dtype=acc, device=dev)
     g_h = torch.zeros((n, d_s) if need_h else (0,), dtype=acc, device=dev)
-    g_p = torch.zeros((d_t, d_s) if need_p else (0,), dtype=acc, device=dev)
+    g_p = torch.zeros(tuple(p_head.shape) if need_p else (0,), dtype=acc, device=dev)
     if record:
         last_plan.clear()
         last_plan.update(rows=n_rows, labelled=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0,
@@ -314,14 +320,15 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     kl_rows = torch.empty(n_rows, dtype=acc, device=dev) if do_kl else None
     gh_v = g_h if (need_h and idx is None) else (torch.empty(n_rows, d_s, dtype=acc, device=dev) if need_h else None)
     mode = _backward_gemms(n_rows, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
-    grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows)
+    mode = "student" if (w_s is not None and need_grad) else mode
+    grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows, w_s is not None)
     # segments: the labelled rows (CE and KL), then the unlabelled ones (KL only, CE off)
     segs = [(a, b, ce) for a, b, ce in ((0, n_valid, do_ce), (n_valid, n_rows, False)) if b > a]
     if record:
         last_plan.update(chunk_rows=rows, n_chunks=sum(-(-(b - a) // rows) for a, b, _ in segs), backward_gemms=mode,
                          buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
 
-    w_s = w_head_t @ p_head  # (V, d_S), once
+    w_s = w_head_t @ p_head if w_s is None else w_s  # (V, d_S), once
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for a, b, ce in segs:
             for r0 in range(a, b, rows):
@@ -374,12 +381,15 @@ class _HeadGrads:
     None); g_p: grad P_head, both fp32 (fp64 for fp64); alpha undoes the fp16 prescale."""
 
     def __init__(self, mode: str, g_h: Tensor | None, g_p: Tensor, w_head_t: Tensor, p_head: Tensor,
-                 need_h: bool, need_p: bool, alpha: float, rows: int):
+                 need_h: bool, need_p: bool, alpha: float, rows: int, ws_given: bool = False):
         self.mode, self.g_h, self.g_p, self.w_head_t = mode, g_h, g_p, w_head_t
+        self.ws_given = ws_given  # g_p is then grad W_head_S itself: no finish
         self.need_h, self.need_p, self.alpha = need_h, need_p, alpha
         acc, dev = g_p.dtype, g_p.device
         vocab, d_t = w_head_t.shape
-        self.g_w = torch.zeros(vocab, p_head.shape[1], dtype=acc, device=dev) if need_p and mode == "student" else None
+        self.g_w = None
+        if need_p and mode == "student":
+            self.g_w = g_p if ws_given else torch.zeros(vocab, p_head.shape[1], dtype=acc, device=dev)
         if mode == "teacher":
             self.x_buf = torch.empty(rows, d_t, dtype=acc, device=dev)
             split = SPLIT_SMALL_GEMMS if SPLIT_SMALL_GEMMS is not None else dev.type == "cuda"
@@ -409,7 +419,7 @@ class _HeadGrads:
 
     def finish(self):
         """"student" mode: grad P_head = W_T.T @ grad W_S, once."""
-        if self.g_w is None:
+        if self.g_w is None or self.ws_given:
             return
         w, g_p = self.w_head_t, self.g_p
         if w.dtype == g_p.dtype:
@@ -450,6 +460,18 @@ def _(h_s, h_t, w_head_t, p_head, labels, tau, lm_weight, kl_weight, kl_reductio
             p_head.new_empty(tuple(p_head.shape) if need_grad_p else (0,), dtype=acc))
 
 
+def _same_upstream(a: Tensor, b: Tensor) -> bool:
+    """The two upstream gradients are one tensor (``loss = lm + kl + ...`` hands the same one to
+    both): equal without reading them, so no host sync; otherwise torch.equal decides."""
+    if a is b:
+        return True
+    try:
+        return (a.data_ptr() == b.data_ptr() and a.dtype == b.dtype and a.shape == b.shape
+                and a.stride() == b.stride() and a.storage_offset() == b.storage_offset())
+    except RuntimeError:  # fake tensors (tracing) have no storage: let the op decide
+        return False
+
+
 @torch.library.custom_op("lrc_ext::distill_head_backward", mutates_args=())
 def _distill_head_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_p: Tensor, h_s: Tensor, w_head_t: Tensor,
                            p_head: Tensor, labels: Tensor, lm_weight: float, chunk_size: int, need_grad_h: bool,
@@ -459,7 +481,7 @@ def _distill_head_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_p: T
     gradient of lm alone is recomputed (no teacher needed) and the two are combined."""
     a = grad_lm.to(g_h.dtype)
     b = grad_kl.to(g_h.dtype)
-    if torch.equal(a, b):
+    if _same_upstream(grad_lm, grad_kl) or torch.equal(a, b):
         gh, gp = a * g_h, a * g_p
     else:
         _, _, lh, lp = _compute(h_s, None, w_head_t, p_head, labels, 1.0, lm_weight, 0.0, "token", None, False,
@@ -528,4 +550,120 @@ def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, lab
     lm, kl, _, _ = torch.ops.lrc_ext.distill_head(h_s, h_t, w_head_t, p_head, labels, float(tau), float(lm_weight),
                                                   float(kl_weight), kl_reduction, batch_size, bool(tau_squared),
                                                   int(chunk_size or 0), need_h, need_p)
+    return lm, kl
+
+
+# ----------------------------------------------------------------------------- given W_head_S
+# W_head_S formed once an optimiser step by the caller (lrc_ext/step_weights.py): the op takes
+# it instead of P_head and returns grad W_head_S (the "student" GEMMs: g.T @ h_s accumulated in
+# fp32); the caller forms grad P_head = W_head_T.T @ grad W_head_S once, at the step's end.
+
+def distill_head_ws_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor,
+                              n_valid: int | None = None, **kw):
+    """Plain PyTorch, W_head_S given: :func:`distill_head_reference` on it (n_valid unused)."""
+    return distill_head_reference(h_s, h_t, w_head_t, None, labels, w_head_s=w_head_s, **kw)
+
+
+@torch.library.custom_op("lrc_ext::distill_head_ws", mutates_args=())
+def _distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, tau: float,
+                     lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None,
+                     tau_squared: bool, chunk_size: int, need_grad_h: bool, need_grad_w: bool, n_valid: int
+                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lm, kl, grad_h, grad_w_head_s) of lm + kl, as lrc_ext::distill_head with W_head_S given."""
+    _check_ws(h_s, h_t, w_head_t, w_head_s, labels)
+    return _compute(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size,
+                    tau_squared, chunk_size, need_grad_h, need_grad_w, w_s=w_head_s, n_valid=n_valid)
+
+
+def _check_ws(h_s, h_t, w_head_t, w_head_s, labels):
+    # the shared checks first, a P_head of the right shape standing in (never read)
+    d_t, d_s = (w_head_t.shape[-1] if w_head_t.dim() == 2 else 0), (h_s.shape[-1] if h_s.dim() == 2 else 0)
+    _check_tensors(h_s, h_t, w_head_t, h_s.new_empty(()).expand(d_t, d_s), labels)
+    _ext.check(_OP, "w_head_s", w_head_s, ndim=2, dtypes=(h_s.dtype,), device=h_s.device)
+    if tuple(w_head_s.shape) != (w_head_t.shape[0], d_s):
+        raise _err(f"argument 'w_head_s' must have shape (V, d_S) = {(w_head_t.shape[0], d_s)}, "
+                   f"got {tuple(w_head_s.shape)}")
+
+
+@_distill_head_ws.register_fake
+def _(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
+      chunk_size, need_grad_h, need_grad_w, n_valid):
+    acc = _ext.acc_dtype(h_s.dtype)
+    return (h_s.new_empty((), dtype=acc), h_s.new_empty((), dtype=acc),
+            h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,), dtype=acc),
+            w_head_s.new_empty(tuple(w_head_s.shape) if need_grad_w else (0,), dtype=acc))
+
+
+def _setup_ws(ctx, inputs, output):
+    (h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
+     chunk_size, need_h, need_w, n_valid) = inputs
+    _, _, g_h, g_w = output
+    ctx.n_valid = n_valid
+    ctx.both, ctx.lm_only = lm_weight != 0.0 and kl_weight != 0.0, kl_weight == 0.0
+    ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w = lm_weight, chunk_size, need_h, need_w
+    ctx.h_dtype, ctx.w_dtype = h_s.dtype, w_head_s.dtype
+    ctx.save_for_backward(g_h, g_w, *((h_s, w_head_t, w_head_s, labels) if ctx.both else ()))
+
+
+def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
+    g_h, g_w = ctx.saved_tensors[:2]
+    if not ctx.both:
+        up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
+        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+    elif _same_upstream(grad_lm, grad_kl):  # the usual loss = lm + kl + ...: a scaling, no host sync
+        up = grad_lm.to(g_h.dtype)
+        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+    else:
+        h_s, w_head_t, w_head_s, labels = ctx.saved_tensors[2:]
+        gh, gw = torch.ops.lrc_ext.distill_head_ws_backward(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels,
+                                                            ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w,
+                                                            ctx.n_valid)
+    return (gh if ctx.need_h else None, None, None, gw if ctx.need_w else None,
+            None, None, None, None, None, None, None, None, None, None, None)
+
+
+@torch.library.custom_op("lrc_ext::distill_head_ws_backward", mutates_args=())
+def _distill_head_ws_backward(grad_lm: Tensor, grad_kl: Tensor, g_h: Tensor, g_w: Tensor, h_s: Tensor,
+                              w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, lm_weight: float, chunk_size: int,
+                              need_grad_h: bool, need_grad_w: bool, n_valid: int) -> tuple[Tensor, Tensor]:
+    """As lrc_ext::distill_head_backward, W_head_S given: exact for any upstream pair,
+    g_kl * grad(lm + kl) + (g_lm - g_kl) * grad(lm)."""
+    a, b = grad_lm.to(g_h.dtype), grad_kl.to(g_h.dtype)
+    if torch.equal(a, b):
+        gh, gw = a * g_h, a * g_w
+    else:
+        _, _, lh, lw = _compute(h_s, None, w_head_t, w_head_s, labels, 1.0, lm_weight, 0.0, "token", None, False,
+                                chunk_size, need_grad_h, need_grad_w, record=False, w_s=w_head_s, n_valid=n_valid)
+        gh, gw = b * g_h + (a - b) * lh, b * g_w + (a - b) * lw
+    return (gh.to(h_s.dtype) if need_grad_h else h_s.new_empty(0),
+            gw.to(w_head_s.dtype) if need_grad_w else w_head_s.new_empty(0))
+
+
+@_distill_head_ws_backward.register_fake
+def _(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels, lm_weight, chunk_size, need_grad_h, need_grad_w,
+      n_valid):
+    return (h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,)),
+            w_head_s.new_empty(tuple(w_head_s.shape) if need_grad_w else (0,)))
+
+
+_distill_head_ws.register_autograd(_backward_ws, setup_context=_setup_ws)
+
+
+def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, *,
+                    tau: float = 40.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
+                    kl_reduction: str = "batchmean", batch_size: int | None = None, tau_squared: bool = False,
+                    chunk_size: int | None = None, n_valid: int | None = None):
+    """:func:`distill_head` with W_head_S (V, d_S) given instead of P_head: differentiable
+    w.r.t. h_s and w_head_s. The KL runs over every row, the CE over the labelled ones.
+    ``n_valid``: the number of labelled rows (labels not -100, not all rows), when the caller
+    knows it and has checked their range (then no count and no host sync)."""
+    _ext.check_tensors(_OP, h_s=h_s, h_t=h_t, w_head_t=w_head_t, w_head_s=w_head_s, labels=labels)
+    check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
+                  batch_size=batch_size, chunk_size=chunk_size)
+    grad_on = torch.is_grad_enabled()
+    lm, kl, _, _ = torch.ops.lrc_ext.distill_head_ws(h_s, h_t, w_head_t, w_head_s, labels, float(tau),
+                                                     float(lm_weight), float(kl_weight), kl_reduction, batch_size,
+                                                     bool(tau_squared), int(chunk_size or 0),
+                                                     grad_on and h_s.requires_grad, grad_on and w_head_s.requires_grad,
+                                                     -1 if n_valid is None else int(n_valid))
     return lm, kl

@@ -1,0 +1,89 @@
+"""Two ways of running the trainer's optimiser step side by side, steps of the two interleaved
+A B A B on one model, so the ratio survives a machine whose speed drifts:
+
+  --compare steps (default): W_S formed once a step (lrc_ext/step_weights.py) against once a
+                             micro-batch (the ops forming their own), both in --dtype;
+  --compare dtype:           bf16 autocast (fp32 master weights) against fp32, both with step
+                             weights (what --dtype auto picks on a CPU with native bf16).
+
+    python bench/bench_accum.py [--teacher PATH] [--micro-batch 4] [--seq 128]
+                                [--tokens-per-step 2048] [--steps 4] [--dtype float32|bfloat16]
+
+The teacher defaults to the trainer's default (SmolLM2-135M-Instruct); inputs are random token
+ids; the student is the default job's (d_S 288, normal init). Prints each path's median
+tokens/s and the median of the per-pair ratios.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import time
+
+import torch
+
+from lrc_ext import config, teacher as teacher_mod
+from lrc_ext.model import LowRankClone
+from lrc_ext.train import Trainer
+
+
+class _Rows:
+    def __init__(self, rows):
+        self.rows = rows
+
+    def batch(self, pos, n):
+        return self.rows[torch.arange(pos, pos + n) % self.rows.shape[0]]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--teacher", default=config.DEFAULT_TEACHER)
+    ap.add_argument("--micro-batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=128)
+    ap.add_argument("--tokens-per-step", type=int, default=2048)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per path (after one warm-up each)")
+    ap.add_argument("--d-s", type=int, default=288)
+    ap.add_argument("--compare", choices=("steps", "dtype"), default="steps")
+    ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16: autocast over fp32 master weights, as the trainer does")
+    args = ap.parse_args(argv)
+    teacher, _, src = teacher_mod.load(args.teacher)
+    vocab = teacher.config.vocab_size
+    torch.manual_seed(0)
+    model = LowRankClone(teacher, args.d_s)
+    cfg = config.TrainConfig(micro_batch_size=args.micro_batch, seq_len=args.seq,
+                             tokens_per_step=args.tokens_per_step, max_steps=10 ** 6, warmup=0)
+    rows = torch.randint(0, vocab, (64, args.seq))
+    def amp(dt):
+        return torch.autocast("cpu", dtype=torch.bfloat16) if dt == "bfloat16" else contextlib.nullcontext()
+    tr = Trainer(cfg, model, _Rows(rows), device=torch.device("cpu"), amp=amp(args.dtype))
+    if args.compare == "steps":
+        names = {True: "W_S per step", False: "W_S per micro-batch"}
+    else:
+        names = {True: "bf16 autocast", False: "fp32"}
+    times = {True: [], False: []}
+    for i in range(args.steps + 1):
+        for sw in (True, False):
+            if args.compare == "steps":
+                tr.step_weights = sw
+            else:
+                tr.amp = amp("bfloat16" if sw else "float32")
+            t0 = time.perf_counter()
+            tr.train_step()
+            if i:  # the first round warms up
+                times[sw].append(time.perf_counter() - t0)
+    tok = cfg.step_tokens()
+    ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
+    print(f"teacher {src}, d_S {args.d_s}, {args.dtype if args.compare == 'steps' else 'step weights'}, "
+          f"{cfg.accum_steps()} x {args.micro_batch} x {args.seq} "
+          f"tokens a step, {torch.get_num_threads()} threads, {args.steps} interleaved steps per path")
+    for sw in (False, True):
+        ts, name = times[sw], names[sw]
+        print(f"  {name:20} {tok / statistics.median(ts):8.1f} tokens/s (median; min {tok / max(ts):.1f}, "
+              f"max {tok / min(ts):.1f})")
+    print(f"  speed-up ({names[True]} / {names[False]}, median of pairs): {ratio:.3f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""W_S formed once an optimiser step (lrc_ext/step_weights.py) against the per-micro-batch
+path: the same gradients, fp64, at accumulation 1, 2 and 4 (the two paths differ only in
+the order of sums, so 1e-10 relative is what fp64 leaves)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from _tiny import VOCAB, tiny_teacher
+from lrc_ext.model import LowRankClone
+import importlib
+
+cl = importlib.import_module("lrc_ext.ops.clone_linear")
+dh = importlib.import_module("lrc_ext.ops.distill_head")
+from lrc_ext.step_weights import StepWeights
+
+
+def _model(family, tie, fused, **kw):
+    torch.manual_seed(0)
+    teacher = tiny_teacher(family, tie=tie, dtype=torch.float64)
+    model = LowRankClone(teacher, 40, fused=fused, alpha=0.3, **kw)
+    if kw.get("clone_norm") == "target":
+        model.measure_clone_scales_(torch.randint(0, VOCAB, (3, 9), generator=torch.Generator().manual_seed(7)))
+    return model
+
+
+def _batches(accum, labels=False):
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for i in range(accum):
+        ids = torch.randint(0, VOCAB, (2, 9), generator=g)
+        mask = torch.ones_like(ids)
+        if i % 2:
+            mask[0, :3] = 0  # left padding in every other micro-batch
+        lab = None
+        if labels:  # a prompt without labels: its positions count in the KL, not in the CE
+            lab = ids.clone()
+            lab[:, :4] = -100
+        out.append((ids, mask, lab))
+    return out
+
+
+def _grads(model, batches, step_weights: bool):
+    model.zero_grad(set_to_none=True)
+    sw = StepWeights(model) if step_weights else None
+    losses = []
+    for ids, mask, lab in batches:
+        out = model(ids, attention_mask=mask, labels=lab)
+        (out.loss / len(batches)).backward()
+        losses.append(out.loss.detach())
+    if sw is not None:
+        sw.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, losses
+
+
+@pytest.mark.parametrize("accum", [1, 2, 4])
+@pytest.mark.parametrize("family,tie,fused,labels,kw", [
+    ("llama", True, None, False, {}), ("qwen2", False, None, False, {}), ("llama", True, False, False, {}),
+    # the loss options: KL over unlabelled positions, clone_norm target, clone_exclude (row weights)
+    ("llama", True, None, True, {"clone_norm": "target", "clone_exclude": "first,outliers"}),
+    ("qwen2", False, False, True, {"clone_exclude": "first"}),
+    # Gemma-3 (scaled, tied embedding), Phi-3 (fused teacher linears read as row slices)
+    ("gemma3_text", True, None, True, {"clone_exclude": "first"}), ("phi3", False, None, False, {}),
+])
+def test_step_weights_same_gradients(accum, family, tie, fused, labels, kw):
+    model = _model(family, tie, fused, **kw)
+    batches = _batches(accum, labels)
+    ref, ref_losses = _grads(model, batches, step_weights=False)
+    got, losses = _grads(model, batches, step_weights=True)
+    assert set(got) == set(ref) and len(ref) == sum(p.requires_grad for p in model.parameters())
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-10, atol=1e-12, msg=n)
+    torch.testing.assert_close(torch.stack(losses), torch.stack(ref_losses), rtol=1e-12, atol=0)
+    # the step is over: the ops form their own W_S again
+    assert all(getattr(m, "step_ws", None) is None for m in model.modules()) and model.step_head is None
+
+
+def test_step_weights_cleared_on_error():
+    model = _model("llama", True, None)
+    sw = StepWeights(model)
+    sw.close()
+    assert model.layers[0].q.step_ws is None and model.step_emb is None
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_clone_linear_ws_matches_reference(side):
+    torch.manual_seed(2)
+    d_t, d_s, out_t, n = 12, 5, 7, 6
+    w = torch.randn(out_t, d_t, dtype=torch.float64)
+    shape = (d_t, d_s) if side == "in" else (out_t, d_s)
+    p = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
+    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    b = torch.randn(out_t, dtype=torch.float64) if side == "in" else None
+    def exact(x_, w_, b_, t_, p_, side_):  # the reference in fp64 throughout (it returns an fp32 MSE)
+        y = torch.nn.functional.linear(x_, w_, b_)
+        d = y - (t_ @ p_ if side_ == "out" else t_)
+        return y, (d * d).mean()
+
+    y_ref, mse_ref = cl.clone_linear_ws_reference(x, w_s, b, tgt, p, side)
+    torch.testing.assert_close(mse_ref.double(), exact(x, w_s, b, tgt, p, side)[1], rtol=1e-6, atol=0)
+    grads = []
+    for f in (cl.clone_linear_ws, exact):
+        y, mse = f(x, w_s, b, tgt, p, side)
+        (y.square().sum() + 3 * mse).backward()
+        grads.append([t.grad.clone() for t in (x, w_s, p)] if side == "out" else [t.grad.clone() for t in (x, w_s)])
+        for t in (x, w_s, p):
+            t.grad = None
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    torch.autograd.gradcheck(lambda x_, w_: cl.clone_linear_ws(x_, w_, b, tgt, p.detach(), side)[1], (x, w_s))
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_clone_linear_ws_row_weight(side):
+    """row_weight (clone_exclude's 0/1 rows, or any non-negative weights): the weighted MSE of
+    the reference, and its gradients, from plain fp64 torch."""
+    torch.manual_seed(6)
+    d_t, d_s, out_t, n = 10, 4, 6, 7
+    w = torch.randn(out_t, d_t, dtype=torch.float64)
+    p = torch.randn(*((d_t, d_s) if side == "in" else (out_t, d_s)), dtype=torch.float64, requires_grad=True)
+    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
+    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    rw = torch.tensor([0.0, 1, 1, 0, 2.5, 1, 0.5])
+
+    def exact(x_, w_, t_, p_):
+        y = x_ @ w_.t()
+        d = y - (t_ @ p_ if side == "out" else t_)
+        r = rw.double()
+        return y, (r[:, None] * d * d).sum() / (r.sum() * d.shape[1])
+
+    y_ref, mse_ref = cl.clone_linear_ws_reference(x, w_s, None, tgt, p, side, row_weight=rw)
+    torch.testing.assert_close(mse_ref.double(), exact(x, w_s, tgt, p)[1], rtol=1e-6, atol=0)
+    grads = []
+    for f in (lambda *a: cl.clone_linear_ws(*a[:2], None, *a[2:], side, row_weight=rw), exact):
+        y, mse = f(x, w_s, tgt, p)
+        (y.square().sum() + 3 * mse).backward()
+        grads.append([t.grad.clone() for t in (x, w_s, p) if t.grad is not None])
+        for t in (x, w_s, p):
+            t.grad = None
+    assert len(grads[0]) == len(grads[1]) == (3 if side == "out" else 2)
+    for a, r in zip(*grads):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    # every row excluded: the mean over no rows is 0, as in clone_linear
+    _, mse0 = cl.clone_linear_ws(x, w_s, None, tgt, p, side, row_weight=torch.zeros(n))
+    assert float(mse0) == 0.0
+    with pytest.raises(ValueError, match="row_weight"):
+        cl.clone_linear_ws(x, w_s, None, tgt, p, side, row_weight=rw[:3])
+    with pytest.raises(ValueError, match="needs a target"):
+        cl.clone_linear_ws(x, w_s, row_weight=rw)
+
+
+def test_clone_linear_ws_bad_input():
+    x, w = torch.randn(3, 4), torch.randn(5, 6)
+    with pytest.raises(ValueError, match="last dimension 6"):
+        cl.clone_linear_ws(x, w)
+    with pytest.raises(ValueError, match="proj"):
+        cl.clone_linear_ws(torch.randn(3, 6), w, target=torch.randn(3, 8), side="out")
+
+
+@pytest.mark.parametrize("up", [(1.0, 1.0), (0.7, 1.9)])
+def test_distill_head_ws_matches_reference(up):
+    torch.manual_seed(3)
+    n, d_t, d_s, v = 9, 8, 4, 30
+    h_s = torch.randn(n, d_s, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(n, d_t, dtype=torch.float64), torch.randn(v, d_t, dtype=torch.float64)
+    w_s = torch.randn(v, d_s, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    labels[2] = -100
+    res = []
+    for f in (dh.distill_head_ws, dh.distill_head_ws_reference):
+        lm, kl = f(h_s, h_t, w_t, w_s, labels, tau=2.0, batch_size=3)
+        (up[0] * lm + up[1] * kl).backward()
+        res.append((lm.detach(), kl.detach(), h_s.grad.clone(), w_s.grad.clone()))
+        h_s.grad = w_s.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="w_head_s"):
+        dh.distill_head_ws(h_s, h_t, w_t, w_s[:, :3], labels)
+
+
+def test_distill_head_ws_known_count_is_the_count():
+    torch.manual_seed(4)
+    h_s = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(7, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
+    w_s = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 11, (7,))
+    labels[[1, 4]] = -100  # unlabelled rows: in the KL, not in the CE; n_valid counts the labelled ones
+    res = []
+    for n_valid in (None, 5):
+        lm, kl = dh.distill_head_ws(h_s, h_t, w_t, w_s, labels, tau=3.0, n_valid=n_valid)
+        (lm + 2 * kl).backward()
+        res.append((lm.detach(), kl.detach(), h_s.grad.clone(), w_s.grad.clone()))
+        h_s.grad = w_s.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_ws_ops_opcheck(side):
+    torch.manual_seed(5)
+    x, w_s = torch.randn(6, 5, requires_grad=True), torch.randn(4, 5, requires_grad=True)
+    tgt = torch.randn(6, 7 if side == "out" else 4)
+    p = torch.randn(7, 4, requires_grad=True) if side == "out" else None
+    torch.library.opcheck(torch.ops.lrc_ext.clone_linear_ws.default, (x, w_s, None, tgt, p, side == "out", side == "out"))
+    h_s, h_t, w_t = torch.randn(5, 3, requires_grad=True), torch.randn(5, 4), torch.randn(9, 4)
+    w_h = torch.randn(9, 3, requires_grad=True)
+    labels = torch.randint(0, 9, (5,))
+    torch.library.opcheck(torch.ops.lrc_ext.distill_head_ws.default,
+                          (h_s, h_t, w_t, w_h, labels, 2.0, 1.0, 1.0, "batchmean", None, False, 0, True, True, -1))
