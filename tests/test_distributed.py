@@ -133,10 +133,15 @@ def test_bad_parallel_settings_exit_2(tiny, tmp_path, capsys, monkeypatch):
 
 # ---- the FSDP2 design: one layer pair gathered at a time ---------------------------------------
 
-def _probe(rank, world, port, q):
+def _join(rank, world, port):
+    """A spawned probe process: the torchrun environment for `rank`, one thread."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
+
+
+def _probe(rank, world, port, q):
+    _join(rank, world, port)
     from _tiny import tiny_teacher
     from torch.distributed.tensor import DTensor
 
@@ -212,9 +217,7 @@ def _meta_probe(rank, world, port, root, q):
     """Today's path (the whole teacher on every rank, then sharded) and the meta-device path
     (sharded first, each rank reading its rows from the safetensors) on the same tiny teacher:
     the same losses and gradient shards over two optimiser steps."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
+    _join(rank, world, port)
     from lrc_ext import teacher as teacher_mod
     from lrc_ext.distributed import Parallel
     from lrc_ext.model import LowRankClone

@@ -91,17 +91,23 @@ def side_is_out(side: str, who: str = f"lrc_ext.{_OP}") -> bool:
     return side == "out"
 
 
+def _check_row_weight_shape(row_weight, x, target) -> None:
+    """row_weight (public functions): with a target, one weight per row of x's leading dimensions."""
+    if row_weight is None:
+        return
+    if target is None:
+        raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
+    if tuple(row_weight.shape) != tuple(x.shape[:-1]):
+        raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
+                   f"one weight per row), got {tuple(row_weight.shape)}")
+
+
 def _check_call(x, weight, proj, bias, target, row_weight=None) -> None:
     """What the op cannot check for ``clone_linear``: Python types (before dispatch, so the
     message is ours) and the leading dimensions it flattens."""
     _ext.check_tensors(_OP, ("bias", "target", "row_weight"), x=x, weight=weight, proj=proj, bias=bias,
                        target=target, row_weight=row_weight)
-    if row_weight is not None:
-        if target is None:
-            raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
-        if tuple(row_weight.shape) != tuple(x.shape[:-1]):
-            raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
-                       f"one weight per row), got {tuple(row_weight.shape)}")
+    _check_row_weight_shape(row_weight, x, target)
     if x.dim() < 1:
         raise _err(f"argument 'x' must have at least 1 dimension, got a 0-dim tensor")
     if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
@@ -586,12 +592,7 @@ def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: 
     _ext.check_tensors(_OP, ("bias", "target", "proj", "row_weight"), x=x, w_s=w_s, bias=bias, target=target,
                        proj=proj, row_weight=row_weight)
     side_out = side_is_out(side)
-    if row_weight is not None:
-        if target is None:
-            raise _err("argument 'row_weight' weighs the clone MSE's rows: it needs a target")
-        if tuple(row_weight.shape) != tuple(x.shape[:-1]):
-            raise _err(f"argument 'row_weight' must have shape {tuple(x.shape[:-1])} (x's leading dimensions: "
-                       f"one weight per row), got {tuple(row_weight.shape)}")
+    _check_row_weight_shape(row_weight, x, target)
     if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
         raise _err(f"argument 'target' must have x's leading dimensions {tuple(x.shape[:-1])}, "
                    f"got {tuple(target.shape)}")
