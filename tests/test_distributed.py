@@ -36,6 +36,7 @@ def args_for(tiny, out, **over):
          "--save-every": 2, "--keep-checkpoints": 2, "--eval-tokens": 64, "--gen-tokens": 0, "--output-dir": out}
     # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
     a.setdefault("--dtype", "float32")
+    a.setdefault("--recipe", "paper")  # init normal: what FSDP's meta-device teacher load needs (a pca run says so)
     a.update(over)
     return [str(x) for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 

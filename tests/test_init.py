@@ -121,12 +121,17 @@ def test_trainer_flags_validate():
     from lrc_ext import config
     cfg, _ = config.parse(["--init", "pca", "--calibration-tokens", "512", "--student-hidden-size", "64"])
     assert cfg.init == "pca" and cfg.calibration_tokens == 512
-    assert config.parse([])[0].init == "normal"
+    d = config.parse([])[0]  # the lrc_ext recipe: pca from training and teacher-sampled tokens
+    assert (d.init, d.calibration_generated) == ("pca", 4096)
+    assert (config.parse(["--recipe", "paper"])[0].init, config.parse(["--recipe", "paper"])[0].calibration_generated) \
+        == ("normal", 0)
+    with pytest.raises(config.ConfigError, match="--calibration-generated must be >= 0"):
+        config.parse(["--calibration-generated", "-1"])
     with pytest.raises(config.ConfigError, match="--init must be normal or pca"):
         config.parse(["--init", "svd"])
     with pytest.raises(config.ConfigError, match="--calibration-tokens 32 is too few"):
         config.parse(["--init", "pca", "--calibration-tokens", "32", "--student-hidden-size", "64"])
-    assert "init" in config.RUN_IDENTITY and "calibration_tokens" in config.RUN_IDENTITY
+    assert {"init", "calibration_tokens", "calibration_generated"} <= set(config.RUN_IDENTITY)
 
 
 class _Data:
@@ -144,11 +149,67 @@ def test_build_model_calibrates_on_the_first_training_sequences():
     from lrc_ext import config, train
     teacher = tiny_teacher("llama", tie=True, layers=1)
     cfg, _ = config.parse(["--init", "pca", "--calibration-tokens", "100", "--student-hidden-size", "32",
-                           "--seq-len", "32"])
+                           "--seq-len", "32", "--calibration-generated", "0"])
     data = _Data(32)
     m = train.build_model(cfg, teacher, None, data=data)
     assert data.calls == [(0, 4)] and m.init_info["init"] == "pca" and m.init_info["tokens"] == 128
     assert train.build_model(cfg, teacher, None).init_info["init"] == "normal"  # resuming: no calibration
+    # with teacher samples: the same training rows, plus ceil(70 / 32) = 3 sampled sequences
+    cfg, _ = config.parse(["--init", "pca", "--calibration-tokens", "100", "--student-hidden-size", "32",
+                           "--seq-len", "32", "--calibration-generated", "70"])
+    data = _Data(32)
+    m = train.build_model(cfg, teacher, _Tok(bos=None, eos=VOCAB - 1), data=data)
+    assert data.calls == [(0, 4)] and m.init_info["tokens"] == 128 + 3 * 32
+
+
+class _Tok:
+    def __init__(self, bos, eos):
+        self.bos_token_id, self.eos_token_id = bos, eos
+
+
+def test_teacher_samples_shape_seed_and_distribution():
+    from lrc_ext.init import teacher_samples
+    teacher = tiny_teacher("llama", layers=1)
+    rng = torch.random.get_rng_state()
+    a = teacher_samples(teacher, _Tok(3, 5), 100, 16, seed=1, progress=False)
+    assert torch.equal(torch.random.get_rng_state(), rng)  # its own generator: the global RNG untouched
+    assert a.shape == (7, 16) and a.dtype == torch.long and (a[:, 0] == 3).all() and int(a.max()) < VOCAB
+    assert torch.equal(a, teacher_samples(teacher, _Tok(3, 5), 100, 16, seed=1, progress=False))
+    assert not torch.equal(a, teacher_samples(teacher, _Tok(3, 5), 100, 16, seed=2, progress=False))
+    assert (teacher_samples(teacher, _Tok(None, 5), 10, 4, progress=False)[:, 0] == 5).all()  # no BOS: EOS
+    with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
+        teacher_samples(teacher, _Tok(None, None), 10, 4, progress=False)
+    # the tokens are draws from the teacher's softmax at temperature 1: the empirical distribution
+    # of the first sampled token over 20,000 sequences is close to it (total variation; sampling
+    # noise ~0.03), and far from uniform (so the check can fail)
+    n = 20000
+    first = teacher_samples(teacher, _Tok(3, 5), 2 * n, 2, progress=False, batch=n)[:, 1]
+    p = torch.softmax(teacher(torch.tensor([[3]])).logits[0, -1].double(), -1)
+    emp = torch.bincount(first, minlength=VOCAB).double() / n
+    assert 0.5 * float((emp - p).abs().sum()) < 0.06
+    assert 0.5 * float((p - 1.0 / VOCAB).abs().sum()) > 0.15
+
+
+def test_pca_under_bf16_autocast_keeps_fp32_products(monkeypatch):
+    """A bf16 teacher under the run's autocast (the default on CPUs with native bf16): the fits'
+    products run in fp32 with autocast off, and the student lands as close to the teacher as with
+    float64 products (KL within 2%; products left to autocast's bf16 are 17% worse here)."""
+    from lrc_ext import init as init_mod
+    teacher = tiny_teacher("qwen2", layers=2, dtype=torch.bfloat16)
+    cal, ev = _ids(8, 32, 0), _ids(4, 32, 1)
+    z_t = teacher(ev).logits
+
+    def kl_after_init():
+        torch.manual_seed(0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            m = LowRankClone(teacher, 40, init="pca", calibration=cal, init_options=QUIET, param_dtype=torch.float32)
+            return _kl(m.student_logits(ev), z_t)
+
+    assert init_mod._ct(LowRankClone(teacher, 40, param_dtype=torch.float32)) == torch.float32
+    fast = kl_after_init()
+    monkeypatch.setattr(init_mod, "_ct", lambda model: torch.float64)
+    exact = kl_after_init()
+    assert abs(fast - exact) < 0.02 * exact, (fast, exact)
 
 
 def test_cli_run_with_init_pca(tmp_path):
@@ -157,7 +218,8 @@ def test_cli_run_with_init_pca(tmp_path):
     out = tmp_path / "run"
     r = ok(cli("--teacher", teacher, "--data", data, "--student-hidden-size", 32, "--seq-len", 32,
                "--micro-batch-size", 2, "--tokens-per-step", 64, "--max-steps", 1, "--eval-tokens", 64,
-               "--gen-tokens", 0, "--init", "pca", "--calibration-tokens", 256, "--output-dir", out))
-    assert "init     pca on 256 training tokens" in r.stdout + r.stderr
+               "--gen-tokens", 0, "--init", "pca", "--calibration-tokens", 256, "--calibration-generated", 40,
+               "--lr", 1e-4, "--output-dir", out))
+    assert "init     pca on 256 training tokens + 64 sampled from the teacher" in r.stdout + r.stderr
     assert "note     --lr 0.0001 from a pca start" in r.stdout  # the default lr measured unstable from pca
     assert "init: pca" in (out / "config.yaml").read_text()

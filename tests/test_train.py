@@ -8,6 +8,7 @@ one thread, and runs sharing the machine disturb each other less).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -99,6 +100,9 @@ def tiny_args(tiny, out, **over):
          "--prompt": "the python", "--output-dir": out}
     # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
     a.setdefault("--dtype", "float32")
+    # the paper's recipe (init normal, raw clone MSE): no calibration to wait for on every tiny run;
+    # the lrc_ext recipe's own runs pass --recipe lrc_ext
+    a.setdefault("--recipe", "paper")
     a.update(over)
     return [x for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 
@@ -286,6 +290,34 @@ def test_resume_with_loss_options_is_bit_exact(tiny, tmp_path):
                                                         "q,v,up,o,down")
 
 
+def test_lrc_ext_recipe_resume_is_bit_exact(tiny, tmp_path):
+    """The default recipe (pca on training + teacher-sampled tokens, target-normalised clone terms
+    without position 0): SIGKILL mid-save, --resume: bit for bit the uninterrupted run, and the
+    resume neither samples nor calibrates again."""
+    opts = {"--recipe": "lrc_ext", "--calibration-tokens": 96, "--calibration-generated": 64}
+    base, out = tmp_path / "base", tmp_path / "run"
+    r = ok(cli(*tiny_args(tiny, base, **opts)))
+    assert "+ 64 sampled from the teacher" in r.stdout and "clone    scales" in r.stdout
+    r = cli(*tiny_args(tiny, out, **opts), LRC_FAULT_KILL_DURING_SAVE="6")
+    assert r.returncode == -signal.SIGKILL
+    r = ok(cli(*tiny_args(tiny, out, **opts), "--resume"))
+    assert "sampled from the teacher" not in r.stdout and "init     pca" not in r.stdout
+    assert losses(out) == losses(base)
+    cfg = json.loads((out / "checkpoints/step_000008/state.json").read_text())["config"]
+    assert (cfg["init"], cfg["calibration_generated"], cfg["clone_norm"], cfg["clone_exclude"], cfg["head"]) == (
+        "pca", 64, "target", "first", "untied")
+
+
+def test_checkpoint_from_before_a_setting_resumes_with_its_old_value():
+    from lrc_ext import config
+    saved = dataclasses.asdict(config.TrainConfig())
+    for k in config.BEFORE_ADDED:
+        saved.pop(k)
+    cfg = config.from_dict(saved, "state.json", saved=True)
+    assert {k: getattr(cfg, k) for k in config.BEFORE_ADDED} == config.BEFORE_ADDED
+    assert cfg.calibration_generated == 0 and config.TrainConfig().calibration_generated > 0
+
+
 def test_loss_flags_reach_the_model(tiny):
     from lrc_ext import config, teacher as teacher_mod
     from lrc_ext.train import build_model
@@ -295,10 +327,16 @@ def test_loss_flags_reach_the_model(tiny):
     teacher, tok, _ = teacher_mod.load(cfg.teacher)
     m = build_model(cfg, teacher, tok)
     assert (m.kl_reduction, m.tau_squared, m.clone_kinds, m.attn_clone_space, m.clone_norm, m.clone_exclude) == (
-        "token", True, ("q", "gate"), "teacher", "none", "first")
-    d = config.TrainConfig()  # the defaults: the paper's loss, exactly
-    assert (d.kl_reduction, d.tau_squared, d.clone_kinds, d.attn_clone_space, d.clone_norm, d.clone_exclude) == (
-        "batchmean", False, "q,k,v,gate,up,o,down", "student", "none", "none")
+        "token", True, ("q", "gate"), "teacher", "target", "first")
+    d = config.parse(["--recipe", "paper"])[0]  # the paper's loss, exactly
+    assert (d.kl_reduction, d.tau_squared, d.clone_kinds, d.attn_clone_space, d.clone_norm, d.clone_exclude,
+            d.alpha, d.lr, d.init, d.head) == (
+        "batchmean", False, "q,k,v,gate,up,o,down", "student", "none", "none", 0.5, 1e-4, "normal", "auto")
+    d = config.TrainConfig()  # the lrc_ext defaults: normalised clone terms without the attention sink
+    assert (d.clone_norm, d.clone_exclude, d.alpha, d.lr, d.init, d.head) == (
+        "target", "first", 1.0, 3e-5, "pca", "untied")
+    # an explicit setting wins over the recipe
+    assert config.parse(["--recipe", "paper", "--alpha", "0.25"])[0].alpha == 0.25
     for k in ("kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm", "clone_exclude"):
         assert k in config.RUN_IDENTITY, k
 
