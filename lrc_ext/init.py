@@ -98,32 +98,35 @@ def as_batch(calibration, attention_mask=None):
 
 
 def teacher_samples(teacher, tokenizer, n_tokens: int, seq_len: int, seed: int = 0, progress: bool = True,
-                    batch: int | None = None) -> Tensor:
+                    batch: int | None = None, piece: int = 128) -> Tensor:
     """``n_tokens`` tokens sampled from the teacher itself (temperature 1, no truncation), as
-    ceil(n_tokens / seq_len) sequences of ``seq_len`` that each start at the tokenizer's BOS (or EOS).
+    ceil(n_tokens / seq_len) rows of ``seq_len``: samples of min(piece, seq_len) tokens, each from
+    the tokenizer's BOS (or EOS), packed end to end as the trainer packs documents.
 
     Why: calibration tokens from one narrow corpus fit the basis and the refit to that corpus; the
     teacher's own samples cover what it knows in general, so a student calibrated on both keeps
-    more of it out of domain (measured: bench/results/clone_runs.md). A plain KV-cache loop with
-    its own generator: the same seed gives the same tokens, whatever the global RNG holds."""
+    more of it out of domain (measured: bench/results/default_job.md). Short samples because one
+    forward per position costs about the same for 8 rows as for 128 on a CPU: 4,096 tokens as
+    32 x 128 take 127 forwards, as 2 x 2048 they would take 2047. A plain KV-cache loop with its
+    own generator: the same arguments give the same tokens, whatever the global RNG holds."""
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
     if start is None:
         raise ValueError("calibration_generated: the tokenizer has neither a BOS nor an EOS token to start from")
-    n_seq = -(-n_tokens // seq_len)
-    # one forward per position costs about the same at 8 rows as at 128 (per-call overhead): as many
-    # rows as keep the KV cache small (16K tokens a batch)
-    batch = batch or max(1, 16384 // seq_len)
+    rows = -(-n_tokens // seq_len)
+    length = min(piece, seq_len)
+    n_samples = -(-rows * seq_len // length)
+    batch = batch or max(1, 16384 // length)  # rows a forward: a small KV cache
     device = next(teacher.parameters()).device
     gen = torch.Generator(device=device).manual_seed(seed)
     # the KV cache's keyword: `cache` in recent transformers, `past_key_values` before
     kw = "cache" if "cache" in inspect.signature(teacher.forward).parameters else "past_key_values"
-    bar = _bar(n_seq * (seq_len - 1), "pca init: sampling the teacher", progress, unit="tok")
+    bar = _bar(n_samples * (length - 1), "pca init: sampling the teacher", progress, unit="tok")
     out = []
     try:
-        for i in range(0, n_seq, batch):
-            ids = torch.full((min(batch, n_seq - i), seq_len), start, dtype=torch.long, device=device)
+        for i in range(0, n_samples, batch):
+            ids = torch.full((min(batch, n_samples - i), length), start, dtype=torch.long, device=device)
             past = None
-            for t in range(seq_len - 1):
+            for t in range(length - 1):
                 with torch.no_grad():
                     o = teacher(input_ids=ids[:, t:t + 1], use_cache=True, **{kw: past})
                 past = getattr(o, kw)
@@ -135,7 +138,7 @@ def teacher_samples(teacher, tokenizer, n_tokens: int, seq_len: int, seed: int =
             out.append(ids)
     finally:
         bar.close()
-    return torch.cat(out)
+    return torch.cat(out).reshape(-1)[: rows * seq_len].reshape(rows, seq_len)
 
 
 def count_tokens(ids: Tensor, mask: Tensor | None) -> int:

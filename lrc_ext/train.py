@@ -667,11 +667,16 @@ def export_and_verify(t: Trainer, model):
     with torch.no_grad():
         with t.amp:  # as trained: a bf16 teacher beside fp32 trainables needs the run's autocast
             mine = model.student_logits(x).float()
-        diff = (mine - stock(x).logits.float()).abs().max().item()
+            low = torch.is_autocast_enabled(t.device.type)
+        theirs = stock(x).logits.float()
+        diff = (mine - theirs).abs().max().item()
+        lp, lq = torch.log_softmax(mine, -1), torch.log_softmax(theirs, -1)
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()  # the max can be rounding of one logit; the KL is what it does to the distribution
     n_s, n_t = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (stock, model.teacher))
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}, {n_s:.1f}M parameters, the teacher {n_t:.1f}M); max |logit "
-        f"difference| vs the training-time student on a held-out batch: {diff:.3g}")
+        f"difference| vs the training-time student on a held-out batch: {diff:.3g}, mean KL(training-time || "
+        f"stock) {kl:.2g} nats a token{' (the run computes under autocast: its rounding)' if low else ''}")
     return stock
 
 

@@ -177,6 +177,9 @@ def test_teacher_samples_shape_seed_and_distribution():
     assert torch.equal(a, teacher_samples(teacher, _Tok(3, 5), 100, 16, seed=1, progress=False))
     assert not torch.equal(a, teacher_samples(teacher, _Tok(3, 5), 100, 16, seed=2, progress=False))
     assert (teacher_samples(teacher, _Tok(None, 5), 10, 4, progress=False)[:, 0] == 5).all()  # no BOS: EOS
+    # rows longer than a sample: samples of `piece` packed end to end, each from BOS
+    c = teacher_samples(teacher, _Tok(3, 5), 50, 20, seed=1, progress=False, piece=8)
+    assert c.shape == (3, 20) and (c.reshape(-1)[::8] == 3).all() and int((c == 3).sum()) >= 8
     with pytest.raises(ValueError, match="neither a BOS nor an EOS"):
         teacher_samples(teacher, _Tok(None, None), 10, 4, progress=False)
     # the tokens are draws from the teacher's softmax at temperature 1: the empirical distribution
@@ -184,7 +187,7 @@ def test_teacher_samples_shape_seed_and_distribution():
     # noise ~0.03), and far from uniform (so the check can fail)
     n = 20000
     first = teacher_samples(teacher, _Tok(3, 5), 2 * n, 2, progress=False, batch=n)[:, 1]
-    p = torch.softmax(teacher(torch.tensor([[3]])).logits[0, -1].double(), -1)
+    p = torch.softmax(teacher(torch.tensor([[3]])).logits[0, -1].detach().double(), -1)
     emp = torch.bincount(first, minlength=VOCAB).double() / n
     assert 0.5 * float((emp - p).abs().sum()) < 0.06
     assert 0.5 * float((p - 1.0 / VOCAB).abs().sum()) > 0.15
