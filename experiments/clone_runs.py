@@ -3,8 +3,9 @@
 Every arm runs the trainer itself (`python -m lrc_ext.train`, a subprocess per arm) on the
 default teacher and data with the same seed, so every arm starts from the same student (the
 init does not depend on the clone settings) and reads the same batches in the same order.
-At the end each exported student and the teacher are scored (plain transformers) on English text of other domains that no arm trains on (--ood: GPL-3's paragraphs and a short
-prose passage written for this check, by default).
+At the end each exported student and the teacher are scored (plain transformers) on English
+text of other domains that no arm trains on (experiments/ood.py: three short passages written
+for the check and GPL-3's paragraphs).
 
     python experiments/clone_runs.py [--tokens 16384] [--arms raw-0.5,target-first,...] [--out bench/results]
 
@@ -44,6 +45,7 @@ ARMS = [
     ("no-clone", "CE + KL only", ["--no-clone"]),
     ("paper", "--recipe paper (init normal, tied head, lr 1e-4, raw alpha 0.5)", ["--recipe", "paper"]),
 ]
+
 
 def run_arm(name: str, flags: list[str], tokens: int, work: Path, env) -> dict:
     out = work / name

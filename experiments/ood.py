@@ -28,8 +28,6 @@ ice to visit friends on the far bank, and a man sold hot chestnuts from a cart i
 She told us that story every year, and every year we asked whether it was true. She only laughed and said that \
 the river keeps its own secrets, and that we would understand when we were old.
 """
-
-
 NEWS = """\
 The city council voted on Tuesday to close the main library for six months while workers repair the roof, \
 which has leaked since a storm damaged it last spring. Residents will be able to borrow books from a temporary \
@@ -103,6 +101,7 @@ def ood_ce(student: Path, files: list[Path], teacher_cache: dict) -> dict:
         res[key.removeprefix("ood-")] = {"student": _ce_on(model, ids, 512), "teacher": teacher_cache[key],
                                          "tokens": len(ids)}
     return res
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])

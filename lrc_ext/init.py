@@ -156,8 +156,9 @@ def _ct(model) -> torch.dtype:
 
 
 def _exact(fn):
-    """Runs ``fn`` with autocast off on its tensors' device: the init's products run inside the
-    walk's forward, which is under the run's autocast, and must not drop to bf16."""
+    """Runs ``fn`` with autocast off on its tensors' device. Applied where the walk (under the run's
+    autocast) hands over to the fits: the hooks' fits and the head's; the helpers they call
+    inherit it. Under autocast their fp32 products would drop to bf16."""
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
         dev = next((a.device.type for a in args if isinstance(a, Tensor)), "cpu")
@@ -166,7 +167,6 @@ def _exact(fn):
     return wrapped
 
 
-@_exact
 def _ridge(X: Tensor, Y: Tensor, P0: Tensor, ridge: float) -> Tensor:
     """argmin_P |X @ P - Y|^2 + lam |P - P0|^2, lam = ridge * trace(X.T X) / X.shape[1]: the
     products in X's dtype, the solve in float64."""
@@ -407,6 +407,7 @@ class _LayerFits:
         return hs
 
 
+@_exact
 def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
     """The final norm and the head from the last layer's outputs (x_s the student's, h_t_in the
     teacher's valid rows before its final norm)."""
@@ -429,7 +430,6 @@ def _fit_head(model, U, lam, g_f, x_s, h_t_in, ridge, refit):
         _set(model.p_head, (_ridge(n_s * s, h_t, P0T, ridge) if refit else P0T).T)
 
 
-@_exact
 def _rel_err(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-300))
 

