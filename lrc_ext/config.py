@@ -84,7 +84,9 @@ class TrainConfig:
     lr: float = _f(3e-5, "peak learning rate (AdamW, betas 0.9/0.999; the paper's 1e-4 throws a pca start out of "
                    "its basin)")
     warmup: float = _f(0.005, "warmup: a fraction of the steps if < 1, else a number of steps; "
-                       "then linear decay to zero")
+                       "then the --lr-schedule")
+    lr_schedule: str = _f("linear", "after the warmup: linear (decay to zero at the last step, the paper's) or "
+                          "constant (the peak rate to the end: comparisons at several budgets read one curve)")
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the gradient norm to this (0: no clipping)")
     # loss: CE + KL(teacher || student at tau) + alpha * clone
@@ -153,7 +155,7 @@ FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 # Settings that change the numbers: a resumed run must use the checkpoint's values.
 RUN_IDENTITY = ("teacher", "student_hidden_size", "head", "init", "calibration_tokens", "calibration_generated", "data", "text_field", "data_split",
                 "streaming", "eval_tokens",
-                "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "weight_decay", "grad_clip",
+                "seq_len", "micro_batch_size", "tokens_per_step", "lr", "warmup", "lr_schedule", "weight_decay", "grad_clip",
                 "tau", "alpha", "kl_reduction", "tau_squared", "clone_kinds", "attn_clone_space", "clone_norm",
                 "clone_exclude", "use_lm", "use_kl", "use_clone", "reference", "dtype", "seed")
 
@@ -166,6 +168,7 @@ HEADS = ("auto", "tied", "untied")
 PAPER_RECIPE = {"init": "normal", "calibration_generated": 0, "head": "auto", "lr": 1e-4, "warmup": 0.005,
                 "alpha": 0.5, "clone_norm": "none", "clone_exclude": "none"}
 RECIPES = ("lrc_ext", "paper")
+LR_SCHEDULES = ("linear", "constant")
 CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
 
 
@@ -299,6 +302,7 @@ def validate(cfg: TrainConfig):
     need(cfg.eval_tokens >= 0, f"--eval-tokens must be >= 0, got {cfg.eval_tokens}")
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
+    need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be linear or constant, got {cfg.lr_schedule!r}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")
@@ -352,7 +356,8 @@ def save_yaml(cfg: TrainConfig, path: Path):
 
 # Settings added after runs were first saved, with the value that reproduces those runs (their
 # defaults since differ): a checkpoint whose config lacks one of them resumes with this value.
-BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none", "calibration_generated": 0}
+BEFORE_ADDED = {"head": "auto", "clone_norm": "none", "clone_exclude": "none", "calibration_generated": 0,
+                "lr_schedule": "linear"}
 
 
 def from_dict(d: dict, where: str, saved: bool = False) -> TrainConfig:

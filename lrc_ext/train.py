@@ -62,10 +62,13 @@ def say(msg: str = ""):
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup to cfg.lr over warmup_steps, then linear decay towards 0 (step is 0-based)."""
+    """Linear warmup to cfg.lr over warmup_steps, then linear decay towards 0 or constant
+    (cfg.lr_schedule; step is 0-based)."""
     w, n = cfg.warmup_steps(), cfg.total_steps()
     if step < w:
         return cfg.lr * (step + 1) / (w + 1)
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
     return cfg.lr * max(0.0, (n - step) / max(1, n - w))
 
 

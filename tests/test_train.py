@@ -478,12 +478,18 @@ def test_help_documents_every_setting():
 
 
 def test_lr_schedule():
+    from lrc_ext import config
     from lrc_ext.config import TrainConfig
     from lrc_ext.train import lr_at
     cfg = TrainConfig(max_steps=1000, lr=1e-4)  # 0.5% warmup = 5 steps
     lrs = [lr_at(s, cfg) for s in range(1000)]
     assert cfg.warmup_steps() == 5 and lrs[0] < lrs[4] < lrs[5] == pytest.approx(1e-4)
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:])) and 0 < lrs[-1] < 1e-6
+    const = dataclasses.replace(cfg, lr_schedule="constant")
+    lrs_c = [lr_at(s, const) for s in range(1000)]
+    assert lrs_c[:5] == lrs[:5] and all(x == 1e-4 for x in lrs_c[5:])
+    with pytest.raises(config.ConfigError, match="--lr-schedule must be linear or constant"):
+        config.validate(dataclasses.replace(cfg, lr_schedule="cosine"))
 
 
 # ---- the default job ---------------------------------------------------------------------------
