@@ -214,7 +214,7 @@ def run_arm(ctx, name) -> dict:
     flops = step_flops(ctx, name, module, cfg)
     tr = train.Trainer(cfg, module, quality.Rows(ctx["rows"](cfg.seed)), device=ctx["device"], amp=ctx["amp"])
     n_params = sum(p.numel() for p in tr.params)
-    points, train_s, last = [], 0.0, {}
+    points, train_s, last, step_s = [], 0.0, {}, []
     at = eval_steps(cfg.total_steps())
     for step in range(cfg.total_steps() + 1):
         if step in at:
@@ -226,7 +226,8 @@ def run_arm(ctx, name) -> dict:
             break
         t = time.perf_counter()
         rec = tr.train_step()
-        train_s += time.perf_counter() - t
+        step_s.append(time.perf_counter() - t)
+        train_s += step_s[-1]
         if not math.isfinite(rec["loss"]):
             raise SystemExit(f"{name}: non-finite loss at step {step + 1}")
         last = dict(train_loss=rec["loss"], lm=rec["lm"], kl=rec["kl"])
@@ -237,6 +238,7 @@ def run_arm(ctx, name) -> dict:
                                                       clone_exclude=cfg.clone_exclude, head=cfg.head),
                 trainable_params=n_params, pre_tokens=pre, init_s=round(init_s, 1), init_flops=init_flops,
                 step_flops=flops, step_tokens=cfg.step_tokens(), points=points, train_s=round(train_s, 1),
+                step_s=[round(x, 2) for x in step_s], step_s_median=round(sorted(step_s)[len(step_s) // 2], 2),
                 wall_s=round(time.perf_counter() - t0, 1), done=True)
 
 
@@ -369,13 +371,13 @@ def readme(res, out: Path) -> str:
              f"- pca starts: {m['calibration_tokens']:,} training + {m['calibration_generated']:,} teacher-sampled "
              "tokens, counted as tokens seen before step 0 (so is the clone-scale measurement of F)", "",
              "| arm | trainable | pre-step-0 tokens | CE start | " +
-             " | ".join(f"CE @{p:,}" for p in _marks(res)) + " | train s | GFLOP/token (train) |",
+             " | ".join(f"CE @{p:,}" for p in _marks(res)) + " | s a step (median) | GFLOP/token (train) |",
              "|---|---|---|---|" + "---|" * len(_marks(res)) + "---|---|"]
     for k, a in res["arms"].items():
         ce = {p["tokens"]: p["ce"] for p in a["points"]}
         lines.append(f"| {a['label']} ({k}) | {a['trainable_params'] / 1e6:.1f}M | {a['pre_tokens']:,} | "
                      f"{a['points'][0]['ce']:.3f} | " + " | ".join(f"{ce[p]:.3f}" if p in ce else "" for p in _marks(res))
-                     + f" | {a['train_s']:.0f} | {a['step_flops'] / a['step_tokens'] / 1e9:.2f} |")
+                     + f" | {a['step_s_median']:.1f} | {a['step_flops'] / a['step_tokens'] / 1e9:.2f} |")
     if an.get("thresholds"):
         lines += ["", f"Thresholds: the best scratch arm's ({an['best_scratch']}) held-out CE at each budget mark. "
                   f"Tokens to reach it, counting pre-step-0 tokens; {an['ci']} ({an['n_boot']} draws over "
