@@ -47,17 +47,18 @@ test_distributed.py checks that during layer i's forward and backward no other l
 gathered. A teacher-only forward (the teacher's held-out CE) uses ``teacher_alone``: each
 decoder layer is freed right after its own forward.
 
-Loading the teacher under FSDP2 (``--init normal``, or any resumed run): no rank ever holds
-the whole teacher. Each rank builds it on the meta device (parameters only: RoPE's buffers are
+Loading the teacher under FSDP2: no rank holds the whole teacher for training. Each rank builds it on the meta device (parameters only: RoPE's buffers are
 computed for real), ``wrap`` shards it as above, and ``load_teacher`` then allocates each
 rank's local shards and reads just their rows (FSDP2's Shard(0): ceil(rows / world) a rank)
 of every tensor from the safetensors files (``safe_open(...).get_slice``, memory-mapped), in
 the teacher's storage dtype. Host memory per rank for the teacher: its shard, ~teacher /
 world, plus at most one tensor's rows in flight; the trainer reports each rank's peak RSS
-growth up to the wrapping and its peak RSS up to the end of training. A hub id (no local
-safetensors) and a ``--init pca`` start (it calibrates on the whole teacher) load it whole
-before wrapping, as DDP does. After training rank 0 reloads the teacher whole for the
-export.
+growth up to the wrapping and its peak RSS up to the end of training. A fresh ``--init pca``
+or ``--clone-norm target`` run calibrates on the whole teacher once: rank 0 alone loads it,
+fits the student's start, frees it, and ``broadcast_state`` sends the start to the other ranks
+(which wait meanwhile), before every rank builds its meta-device teacher. A hub id (no local
+safetensors) loads whole on every rank, as DDP does. After training rank 0 reloads the teacher
+whole for the export.
 
 Checkpoints stay in the trainer's safetensors format: trainable parameters and AdamW state are
 gathered to full tensors (``DTensor.full_tensor``) and written by rank 0, and on load each
@@ -246,6 +247,21 @@ class Parallel:
             from torch.distributed.tensor import distribute_tensor
             return distribute_tensor(full.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
         return full
+
+    def broadcast_state(self, model: nn.Module, state: dict | None):
+        """Rank 0's trainable state (``state``; None on the others) into every rank's model,
+        before wrapping: one broadcast a tensor, in the model's own order."""
+        mine = model.trainable_state_dict()
+        if self.is_main and set(state) != set(mine):
+            raise RuntimeError(f"broadcast_state: rank 0's state has other keys than the model "
+                               f"({sorted(set(state) ^ set(mine))[:4]})")
+        out = {}
+        for name, t in mine.items():
+            buf = (state[name] if self.is_main else torch.empty_like(t, device="cpu")).to(_comm_device())
+            if self.active and self.world > 1:
+                dist.broadcast(buf, src=0)
+            out[name] = buf.to(t.device)
+        model.load_trainable_state_dict(out)
 
     def load_teacher(self, teacher: nn.Module, src: str, device: torch.device):
         """Fill a meta-device teacher after ``wrap``: each rank reads its own rows of every

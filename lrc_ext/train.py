@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -344,19 +345,25 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     out = Path(cfg.output_dir)
     say(f"lrc_ext.train -> {out}")
     # FSDP: the teacher on the meta device, sharded, then each rank reads its shard (lrc_ext/
-    # distributed.py); a fresh --init pca or --clone-norm target run measures the whole teacher
-    # before wrapping, so it loads it whole.
-    meta = par.mode == "fsdp" and ((cfg.init != "pca" and cfg.clone_norm != "target") or resume_from is not None)
+    # distributed.py). A fresh --init pca or --clone-norm target run measures the whole teacher
+    # once: rank 0 alone does it (fit_on_main) and sends the student's start to the others.
     with par.main_first():  # rank 0 fills the caches (teacher download, datasets) first
-        teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype), meta=meta)
+        teacher, tok, src = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype),
+                                             meta=par.mode == "fsdp")
         data = data_mod.open_data(cfg, tok, par.rank, par.world, say=say)
+    fit_first = (getattr(teacher, "lrc_meta", False) and resume_from is None
+                 and (cfg.init == "pca" or cfg.clone_norm == "target"))
     tcfg = teacher.config
     say(f"teacher  {cfg.teacher} ({src}): {tcfg.model_type}, d={tcfg.hidden_size}, {tcfg.num_hidden_layers} layers, "
         f"vocab {tcfg.vocab_size}, {sum(p.numel() for p in teacher.parameters()) / 1e6:.1f}M params, held in "
         f"{str(next(teacher.parameters()).dtype).replace('torch.', '')}")
     say(f"data     {cfg.data}: {data.describe()}")
+    start = fit_on_main(cfg, par, data, device, amp, dtype) if fit_first else None
     rss0 = teacher_mod.host_rss()
-    model = build_model(cfg, teacher, tok, data=None if resume_from is not None else data, device=device, amp=amp)
+    model = build_model(cfg, teacher, tok, data=None if resume_from is not None or fit_first else data,
+                        device=device, amp=amp)
+    if fit_first:
+        par.broadcast_state(model, start)
     rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
     meta = getattr(teacher, "lrc_meta", False)  # False when the source had no local safetensors
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
@@ -383,6 +390,23 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
         say(f"memory   host RSS a rank for the teacher and student before wrapping: {grew} MiB ({how}; "
             f"the whole teacher is {b['teacher_full'] / 2**20:.0f} MiB)")
     return trainer
+
+
+def fit_on_main(cfg: TrainConfig, par, data, device, amp, dtype) -> dict | None:
+    """Rank 0 builds the student on a whole teacher of its own (--init pca, --clone-norm target's
+    scales), keeps its trainable state and frees that teacher; the other ranks wait. Returns the
+    state on rank 0, None elsewhere (``Parallel.broadcast_state`` sends it)."""
+    from . import teacher as teacher_mod
+    state = None
+    if par.is_main:
+        whole, tok, _ = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype))
+        model = build_model(cfg, whole, tok, data=data, device=device, amp=amp)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in model.trainable_state_dict().items()}
+        del model, whole
+        gc.collect()
+        say("fsdp     the student's start fitted on rank 0's whole teacher, freed before sharding; "
+            "sent to the other ranks")
+    return state
 
 
 @dataclasses.dataclass

@@ -36,7 +36,7 @@ def args_for(tiny, out, **over):
          "--save-every": 2, "--keep-checkpoints": 2, "--eval-tokens": 64, "--gen-tokens": 0, "--output-dir": out}
     # fp32: the tolerances here are fp32's (--dtype auto is bf16 autocast on CPUs with native bf16)
     a.setdefault("--dtype", "float32")
-    a.setdefault("--recipe", "paper")  # init normal: what FSDP's meta-device teacher load needs (a pca run says so)
+    a.setdefault("--recipe", "paper")  # init normal: no calibration, the quickest tiny runs
     a.update(over)
     return [str(x) for k, v in a.items() for x in ((k,) if v is True else (k, v))]
 
@@ -119,6 +119,23 @@ def test_fsdp_resumes_a_one_rank_checkpoint_on_two_ranks_matches_and_exports(bas
         for k in a:
             assert a[k].shape == b[k].shape, k
             torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-7, msg=k)
+
+
+def test_fsdp_fresh_pca_run_fits_on_rank_0_and_matches_one_rank(tiny, tmp_path):
+    """The lrc_ext recipe (pca on training and teacher-sampled tokens, clone scales) from scratch
+    under --parallel fsdp: rank 0 fits the start on a whole teacher of its own and sends it; every
+    rank's training teacher is built on the meta device and holds only its shard; the losses are
+    the 1-rank run's."""
+    over = {"--recipe": "lrc_ext", "--calibration-tokens": 64, "--calibration-generated": 32, "--max-steps": 2,
+            "--eval-every": 0, "--save-every": 0}
+    one = tmp_path / "one"
+    ok(run1(args_for(tiny, one, **over)))
+    two = tmp_path / "two"
+    r = ok(run2(args_for(tiny, two, **{**over, "--parallel": "fsdp"})))
+    assert r.stdout.count("fsdp     the student's start fitted on rank 0's whole teacher") == 1, r.stdout
+    assert r.stdout.count("init     pca on 64 training tokens + 32 sampled") == 1, r.stdout
+    assert "teacher built on the meta device, each rank read its shard" in r.stdout, r.stdout
+    assert_close_logs(two, one)
 
 
 def test_bad_parallel_settings_exit_2(tiny, tmp_path, capsys, monkeypatch):
