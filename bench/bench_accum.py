@@ -1,5 +1,6 @@
-"""Two ways of running the trainer's optimiser step side by side, steps of the two interleaved
-A B A B on one model, so the ratio survives a machine whose speed drifts:
+"""Two ways of running the trainer's optimiser step side by side, interleaved in turns of
+--block steps (A A B B ..., the last step of each turn timed) on one model, so the ratio
+survives a machine whose speed drifts:
 
   --compare steps (default): W_S formed once a step (lrc_ext/step_weights.py) against once a
                              micro-batch (the ops forming their own), both in --dtype;
@@ -7,7 +8,7 @@ A B A B on one model, so the ratio survives a machine whose speed drifts:
                              weights (what --dtype auto picks on a CPU with native bf16).
 
     python bench/bench_accum.py [--teacher PATH] [--micro-batch 4] [--seq 128]
-                                [--tokens-per-step 2048] [--steps 4] [--dtype float32|bfloat16]
+                                [--tokens-per-step 2048] [--steps 4] [--block 2] [--dtype float32|bfloat16]
 
 The teacher defaults to the trainer's default (SmolLM2-135M-Instruct); inputs are random token
 ids; the student is the default job's (d_S 288, normal init). Prints each path's median
@@ -42,6 +43,9 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=128)
     ap.add_argument("--tokens-per-step", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=4, help="timed steps per path (after one warm-up each)")
+    ap.add_argument("--block", type=int, default=2,
+                    help="consecutive steps of one path per turn, the last one timed (a step right after the other "
+                         "path pays for its buffers again; training never alternates). 1: A B A B, one warm-up round")
     ap.add_argument("--d-s", type=int, default=288)
     ap.add_argument("--compare", choices=("steps", "dtype"), default="steps")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
@@ -62,21 +66,23 @@ def main(argv=None) -> int:
     else:
         names = {True: "bf16 autocast", False: "fp32"}
     times = {True: [], False: []}
-    for i in range(args.steps + 1):
+    for i in range(args.steps + (args.block == 1)):
         for sw in (True, False):
             if args.compare == "steps":
                 tr.step_weights = sw
             else:
                 tr.amp = amp("bfloat16" if sw else "float32")
-            t0 = time.perf_counter()
-            tr.train_step()
-            if i:  # the first round warms up
-                times[sw].append(time.perf_counter() - t0)
+            for j in range(args.block):
+                t0 = time.perf_counter()
+                tr.train_step()
+                if j == args.block - 1 and (i or args.block > 1):  # warm: a step after one of its own path
+                    times[sw].append(time.perf_counter() - t0)
     tok = cfg.step_tokens()
     ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
     print(f"teacher {src}, d_S {args.d_s}, {args.dtype if args.compare == 'steps' else 'step weights'}, "
           f"{cfg.accum_steps()} x {args.micro_batch} x {args.seq} "
-          f"tokens a step, {torch.get_num_threads()} threads, {args.steps} interleaved steps per path")
+          f"tokens a step, {torch.get_num_threads()} threads, {args.steps} interleaved turns of {args.block} "
+          f"step(s) per path, the last of each timed")
     for sw in (False, True):
         ts, name = times[sw], names[sw]
         print(f"  {name:20} {tok / statistics.median(ts):8.1f} tokens/s (median; min {tok / max(ts):.1f}, "

@@ -422,7 +422,9 @@ class LowRankClone(nn.Module):
         walk = LayerWalk(self, input_ids, attention_mask)
         e_s = self.__dict__.get("step_emb")  # E_S formed this optimiser step (tied head), if any
         if e_s is not None:
-            x_s = e_s.index_select(0, walk.pick(input_ids[..., None])[:, 0])
+            # sparse: the lookup's gradient is its N rows, not a dense V x d_S zeros + scatter a
+            # micro-batch (StepWeights adds it to the head's gradient once a step)
+            x_s = F.embedding(walk.pick(input_ids[..., None])[:, 0], e_s, sparse=True)
             if self.layout.embed_scaled:  # the teacher's lookup carries its scale (Gemma-3): so must E_S[ids]
                 x_s = x_s * fam.embed_scale(self.teacher)
             dev = x_s.device.type

@@ -34,6 +34,15 @@ def _form(w_t: torch.Tensor, p: torch.Tensor, side_in: bool) -> torch.Tensor:
     return w_s.to(p.dtype)
 
 
+def _add(a: torch.Tensor | None, b: torch.Tensor) -> torch.Tensor:
+    """a + b, dense, with b possibly sparse (an embedding lookup's rows)."""
+    if a is None:
+        return b.to_dense() if b.is_sparse else b
+    if a.is_sparse:
+        a, b = b.to_dense() if b.is_sparse else b, a
+    return a.add_(b)
+
+
 class StepWeights:
     """The W_S of one optimiser step for ``model`` (a LowRankClone); see the module docstring."""
 
@@ -50,7 +59,8 @@ class StepWeights:
             model.__dict__["step_head"] = self._leaf(w_head)
             emb = model.teacher.get_input_embeddings().weight
             tied = model.head_proj is model.p_emb and emb is model.teacher.get_output_embeddings().weight
-            model.__dict__["step_emb"] = model.step_head if tied else None
+            # its own leaf of the same W_S: the lookup's gradient stays sparse until backward()
+            model.__dict__["step_emb"] = self._leaf(w_head) if tied else None
 
     def _leaf(self, w: torch.Tensor) -> torch.Tensor:
         leaf = w.detach().requires_grad_(w.requires_grad)
@@ -60,7 +70,12 @@ class StepWeights:
     def backward(self, reduce=None):
         """grad_P (into P.grad) from the leaves' accumulated gradients, once; then clear."""
         try:
-            outs = [(w, leaf.grad) for w, leaf in self.pairs if leaf.grad is not None and w.requires_grad]
+            by_w: dict = {}  # one gradient a formed W_S (a tied head's E_S has two leaves)
+            for w, leaf in self.pairs:
+                if leaf.grad is not None and w.requires_grad:
+                    g = by_w.get(id(w), (w, None))[1]
+                    by_w[id(w)] = (w, _add(g, leaf.grad))
+            outs = list(by_w.values())
             grads = [g for _, g in outs]
             if reduce is not None:
                 reduce(grads)

@@ -297,14 +297,16 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     need_grad = need_h or need_p
     zero = torch.zeros((), dtype=acc, device=dev)
     g_h = torch.zeros((n, d_s) if need_h else (0,), dtype=acc, device=dev)
-    g_p = torch.zeros(tuple(p_head.shape) if need_p else (0,), dtype=acc, device=dev)
+    # w_s given: grad W_head_S is written by the first chunk's GEMM (no V x d_S zero fill)
+    g_p = (torch.empty if w_s is not None and need_p else torch.zeros)(tuple(p_head.shape) if need_p else (0,),
+                                                                     dtype=acc, device=dev)
     if record:
         last_plan.clear()
         last_plan.update(rows=n_rows, labelled=n_valid, vocab=vocab, chunk_rows=0, n_chunks=0, buffer_bytes=0,
                          teacher=do_kl)
     do_ce = do_ce and n_valid > 0
     if n_rows == 0 or not (do_ce or do_kl):
-        return zero, zero.clone(), g_h, g_p
+        return zero, zero.clone(), g_h, g_p.zero_()
     idx, hs, lab, ht = _order_rows(h_s, h_t if do_kl else None, labels, n_valid, n_rows)
 
     denom = float(n_rows) if kl_reduction == "token" else float(batch_size if batch_size is not None else 1)
@@ -388,8 +390,9 @@ class _HeadGrads:
         acc, dev = g_p.dtype, g_p.device
         vocab, d_t = w_head_t.shape
         self.g_w = None
+        self.g_w_fresh = True  # nothing written into g_w yet: the first chunk's GEMM overwrites it
         if need_p and mode == "student":
-            self.g_w = g_p if ws_given else torch.zeros(vocab, p_head.shape[1], dtype=acc, device=dev)
+            self.g_w = g_p if ws_given else torch.empty(vocab, p_head.shape[1], dtype=acc, device=dev)
         if mode == "teacher":
             self.x_buf = torch.empty(rows, d_t, dtype=acc, device=dev)
             split = SPLIT_SMALL_GEMMS if SPLIT_SMALL_GEMMS is not None else dev.type == "cuda"
@@ -403,7 +406,8 @@ class _HeadGrads:
             if self.need_h:
                 _gemm(self.g_h[r0:r1], g, w_s, alpha, accumulate=False)
             if self.need_p:
-                _gemm(self.g_w, g.t(), hs, alpha, accumulate=True)
+                _gemm(self.g_w, g.t(), hs, alpha, accumulate=not self.g_w_fresh)
+                self.g_w_fresh = False
         elif self.mode == "teacher":
             # X = g @ W_T (m x d_T, fp32) once; grad h_s = X @ P; grad P += X.T @ h_s. X keeps
             # the fp16 prescale until the small GEMMs. On GPUs those run on tensor cores with
@@ -511,6 +515,11 @@ def _setup(ctx, inputs, output):
         ctx.save_for_backward(g_h, g_p)
 
 
+def _scaled(g: Tensor, up: Tensor, dtype: torch.dtype) -> Tensor:
+    """up * g in `dtype` (out of place: the saved g serves every backward through the graph)."""
+    return (up * g).to(dtype)
+
+
 def _backward(ctx, grad_lm, grad_kl, _grad_gh, _grad_gp):
     if ctx.both:
         g_h, g_p, h_s, w_head_t, p_head, labels = ctx.saved_tensors
@@ -519,7 +528,7 @@ def _backward(ctx, grad_lm, grad_kl, _grad_gh, _grad_gp):
     else:
         g_h, g_p = ctx.saved_tensors
         up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
-        gh, gp = (up * g_h).to(ctx.h_dtype), (up * g_p).to(ctx.p_dtype)
+        gh, gp = _scaled(g_h, up, ctx.h_dtype), _scaled(g_p, up, ctx.p_dtype)
     return (gh if ctx.need_h else None, None, None, gp if ctx.need_p else None,
             None, None, None, None, None, None, None, None, None, None)
 
@@ -609,10 +618,10 @@ def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
     g_h, g_w = ctx.saved_tensors[:2]
     if not ctx.both:
         up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
-        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+        gh, gw = _scaled(g_h, up, ctx.h_dtype), _scaled(g_w, up, ctx.w_dtype)
     elif _same_upstream(grad_lm, grad_kl):  # the usual loss = lm + kl + ...: a scaling, no host sync
         up = grad_lm.to(g_h.dtype)
-        gh, gw = (up * g_h).to(ctx.h_dtype), (up * g_w).to(ctx.w_dtype)
+        gh, gw = _scaled(g_h, up, ctx.h_dtype), _scaled(g_w, up, ctx.w_dtype)
     else:
         h_s, w_head_t, w_head_s, labels = ctx.saved_tensors[2:]
         gh, gw = torch.ops.lrc_ext.distill_head_ws_backward(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels,
