@@ -12,7 +12,7 @@ with CE + KL. Arms (ARMS below):
   B1, B2  prune + KD: the step-0 pca export, all weights free, CE + KL, two learning rates
   C       LRC from pca, no clone term (CE + KL through the projections)
   D       LRC from pca with the scale-free clone (clone_norm target, first token left out): the
-          trainer's default recipe
+          trainer's default recipe (lr 3e-5); D2 the same at B2's lr 1e-4, so both get two rates
   E, F, G LRC from the paper's init (normal): raw clone (alpha 0.5), scale-free clone, no clone
   B1s1, Ds1  B1 and D again from seed 1 (another data order, pca calibration and init draw)
 
@@ -68,6 +68,7 @@ ARMS = {
     "B2": (f"B: prune+KD from the pca export, lr {KD_LRS[1]:g}", "kd", dict(lr=KD_LRS[1])),
     "C": ("C: LRC from pca, no clone", "lrc", dict(use_clone=False)),
     "D": ("D: LRC from pca, scale-free clone", "lrc", dict()),
+    "D2": (f"D: LRC from pca, scale-free clone, lr {KD_LRS[1]:g}", "lrc", dict(lr=KD_LRS[1])),
     "E": ("E: LRC, paper init, raw clone alpha 0.5", "lrc", dict(PAPER, lr=1e-4)),
     "F": ("F: LRC, paper init, scale-free clone", "lrc", dict(PAPER, lr=1e-4, alpha=1.0, clone_norm="target",
                                                                clone_exclude="first")),
@@ -275,40 +276,55 @@ def ce_at(arm_points, tokens, rows_idx=None):
 
 
 def analyse(res: dict, n_boot: int, seed: int = 0) -> dict:
-    """Thresholds from the best A arm, tokens to each per arm, paired bootstrap intervals."""
+    """Thresholds from the best A arm (and, as a second read-out, from the best seed-0 B arm),
+    tokens to each per arm, paired bootstrap intervals."""
     arms = {k: v for k, v in res["arms"].items() if v.get("done")}
     a_arms = [k for k in arms if ARMS[k][1] == "scratch"]
     if not a_arms:
         return {}
     budget = max(p["tokens"] for p in arms[a_arms[0]]["points"])
-    best_a = min(a_arms, key=lambda k: arms[k]["points"][-1]["ce"])
-    marks = [t for t in (round(f * budget) for f in FRACTIONS) if any(p["tokens"] == t for p in arms[best_a]["points"])]
-    n_rows = len(arms[best_a]["points"][0]["rows"])
+    n_rows = len(arms[a_arms[0]]["points"][0]["rows"])
     g = torch.Generator().manual_seed(seed)
     draws = [torch.randint(0, n_rows, (n_rows,), generator=g) for _ in range(n_boot)]
+    best_a = min(a_arms, key=lambda k: arms[k]["points"][-1]["ce"])
+    out = dict(best_scratch=best_a, budget_tokens=budget, n_boot=n_boot, heldout_rows=n_rows,
+               thresholds=_thresholds(arms, best_a, budget, draws),
+               ci="2.5-97.5 percentiles of a paired bootstrap over the held-out rows (one resample of the rows "
+                  "per draw, shared by every arm and by the thresholds); inf = not reached within the budget")
+    # pca starts sit below every scratch threshold at step 0; prune + KD from the same start is the
+    # threshold that asks whether the clone recipe buys tokens (same seed only: another seed's
+    # start and data order differ)
+    b_arms = [k for k in arms if ARMS[k][1] == "kd" and "seed" not in ARMS[k][2]]
+    if b_arms:
+        best_b = min(b_arms, key=lambda k: arms[k]["points"][-1]["ce"])
+        out["vs_kd"] = dict(ref=best_b, thresholds=_thresholds(arms, best_b, budget, draws))
+    out["final_ce_diff"] = paired_final(arms, draws)
+    return out
+
+
+def _thresholds(arms, ref, budget, draws) -> dict:
+    """For each budget mark: ref's CE there, and every arm's tokens to reach it (bootstrap CIs)."""
+    marks = [t for t in (round(f * budget) for f in FRACTIONS) if any(p["tokens"] == t for p in arms[ref]["points"])]
 
     def table(idx):
-        thr = {m: ce_at(arms[best_a]["points"], m, idx) for m in marks}
+        thr = {m: ce_at(arms[ref]["points"], m, idx) for m in marks}
         return thr, {k: {m: crossing(*curves(a, idx), thr[m]) for m in marks} for k, a in arms.items()}
 
     thr, tok = table(None)
     boot = [table(d) for d in draws]
-    out = dict(best_scratch=best_a, budget_tokens=budget, n_boot=n_boot, heldout_rows=n_rows, thresholds={},
-               ci="2.5-97.5 percentiles of a paired bootstrap over the held-out rows (one resample of the rows "
-                  "per draw, shared by every arm and by the thresholds); inf = not reached within the budget")
+    out = {}
     for m in marks:
         ths = sorted(b[0][m] for b in boot)
         row = dict(ce=thr[m], ce_ci=[_pct(ths, 2.5), _pct(ths, 97.5)], arms={})
         for k, a in arms.items():
             tk = sorted(b[1][k][m] for b in boot)
-            ratio = sorted(b[1][best_a][m] / b[1][k][m] if b[1][k][m] > 0 else math.inf for b in boot)
+            ratio = sorted(b[1][ref][m] / b[1][k][m] if b[1][k][m] > 0 else math.inf for b in boot)
             row["arms"][k] = dict(tokens=tok[k][m], tokens_ci=[_pct(tk, 2.5), _pct(tk, 97.5)],
                                   at_init=curves(a)[1][0] <= thr[m],
                                   reached_frac=sum(math.isfinite(x) for x in tk) / len(tk),
-                                  speedup_vs_scratch=(tok[best_a][m] / tok[k][m] if tok[k][m] > 0 else math.inf),
+                                  speedup_vs_ref=(tok[ref][m] / tok[k][m] if tok[k][m] > 0 else math.inf),
                                   speedup_ci=[_pct(ratio, 2.5), _pct(ratio, 97.5)])
-        out["thresholds"][str(m)] = row
-    out["final_ce_diff"] = paired_final(arms, draws)
+        out[str(m)] = row
     return out
 
 
@@ -382,17 +398,12 @@ def readme(res, out: Path) -> str:
         lines += ["", f"Thresholds: the best scratch arm's ({an['best_scratch']}) held-out CE at each budget mark. "
                   f"Tokens to reach it, counting pre-step-0 tokens; {an['ci']} ({an['n_boot']} draws over "
                   f"{an['heldout_rows']} rows).", ""]
-        for mk, row in an["thresholds"].items():
-            lines += [f"**CE {row['ce']:.3f}** (scratch at {int(mk):,} tokens; CI [{row['ce_ci'][0]:.3f}, "
-                      f"{row['ce_ci'][1]:.3f}])", "", "| arm | tokens | 95% CI | x fewer than scratch | 95% CI |",
-                      "|---|---|---|---|---|"]
-            for k, v in row["arms"].items():
-                note = " (at init)" if v["at_init"] else ""
-                sp = v["speedup_vs_scratch"]
-                lines.append(f"| {k} | {_tok(v['tokens'])}{note} | {_ci(v['tokens_ci'])} | "
-                             f"{'' if not math.isfinite(sp) else f'{sp:.2f}'} | "
-                             f"[{_num(v['speedup_ci'][0])}, {_num(v['speedup_ci'][1])}] |")
-            lines.append("")
+        lines += _threshold_lines(an["thresholds"], "scratch")
+    if an.get("vs_kd"):
+        ref = an["vs_kd"]["ref"]
+        lines += [f"Thresholds from prune + KD: the best seed-0 B arm's ({ref}) held-out CE at each budget mark, "
+                  "same bootstrap.", ""]
+        lines += _threshold_lines(an["vs_kd"]["thresholds"], ref)
     if an.get("final_ce_diff"):
         lines += [f"CE(arm) - CE(D) at {an['budget_tokens']:,} training tokens (paired, 95% CI):", ""]
         lines += [f"- {k}: {v['diff']:+.4f} [{v['ci'][0]:+.4f}, {v['ci'][1]:+.4f}]" for k, v in an["final_ce_diff"].items()]
@@ -400,6 +411,22 @@ def readme(res, out: Path) -> str:
     if notes.is_file():
         lines += ["", "## Notes", "", notes.read_text().strip()]
     return "\n".join(lines) + "\n"
+
+
+def _threshold_lines(thresholds, ref_name) -> list:
+    lines = []
+    for mk, row in thresholds.items():
+        lines += [f"**CE {row['ce']:.3f}** ({ref_name} after {int(mk):,} training tokens; CI [{row['ce_ci'][0]:.3f}, "
+                  f"{row['ce_ci'][1]:.3f}])", "", f"| arm | tokens | 95% CI | x fewer than {ref_name} | 95% CI |",
+                  "|---|---|---|---|---|"]
+        for k, v in row["arms"].items():
+            note = " (at init)" if v["at_init"] else ""
+            sp, reached = v["speedup_vs_ref"], v["tokens"] is not None and math.isfinite(v["tokens"])
+            sp_ci = f"[{_num(v['speedup_ci'][0])}, {_num(v['speedup_ci'][1])}]" if reached else ""
+            lines.append(f"| {k} | {_tok(v['tokens'])}{note} | {_ci(v['tokens_ci'])} | "
+                         f"{f'{sp:.2f}' if reached and sp is not None and math.isfinite(sp) else ''} | {sp_ci} |")
+        lines.append("")
+    return lines
 
 
 def _num(x):

@@ -50,7 +50,7 @@ def test_smoke_outputs(smoke):
     for k in ("A1", "A2"):  # from random init, a few steps on this repetitive text lower the CE
         assert arms[k]["points"][-1]["ce"] < arms[k]["points"][0]["ce"], k
     # prune + KD (B) and LRC without clone (C) start exactly where LRC (D) starts, at each seed
-    for b in ("B1", "B2", "C"):
+    for b in ("B1", "B2", "C", "D2"):
         assert arms[b]["points"][0]["rows"] == pytest.approx(arms["D"]["points"][0]["rows"], abs=1e-5), b
     assert arms["B1s1"]["points"][0]["rows"] == pytest.approx(arms["Ds1"]["points"][0]["rows"], abs=1e-5)
     assert arms["Ds1"]["points"][0]["rows"] != pytest.approx(arms["D"]["points"][0]["rows"], abs=1e-5)
@@ -67,10 +67,13 @@ def test_smoke_outputs(smoke):
     for row in an["thresholds"].values():
         assert row["ce_ci"][0] <= row["ce"] <= row["ce_ci"][1]
         best = row["arms"][an["best_scratch"]]
-        assert best["speedup_vs_scratch"] == pytest.approx(1.0)
+        assert best["speedup_vs_ref"] == pytest.approx(1.0)
+    assert an["vs_kd"]["ref"] in ("B1", "B2")  # the seed-0 prune + KD arms only
+    for row in an["vs_kd"]["thresholds"].values():
+        assert row["arms"][an["vs_kd"]["ref"]]["speedup_vs_ref"] == pytest.approx(1.0)
     assert set(an["final_ce_diff"]) == set(te.ARMS) - {"D"}
     text = (out / "README.md").read_text()
-    assert "x fewer than scratch" in text and (out / "curves.png").stat().st_size > 1000
+    assert "x fewer than scratch" in text and "Thresholds from prune + KD" in text and (out / "curves.png").stat().st_size > 1000
     # a rerun skips finished arms; --render rebuilds the tables from the JSON with hand notes
     (out / "notes.md").write_text("hand-written note")
     assert te.main(["--render", "--out", str(out), "--boot", "50"]) == 0
