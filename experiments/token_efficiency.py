@@ -378,7 +378,9 @@ def _ci(c):
 def readme(res, out: Path) -> str:
     m, an = res["meta"], res.get("analysis") or {}
     lines = [f"# Token efficiency: LRC against equal-start baselines", "",
-             f"`{m['command']}` (experiments/token_efficiency.py), {m['date']}, commit {m['commit']}, {m['machine']}.",
+             "Made by (experiments/token_efficiency.py; each run adds the arms it lists):", "",
+             *[f"- `{r['command']}` ({', '.join(r['arms'])}): {r['date']}, commit {r['commit']}, {r['machine']}"
+               for r in m.get("runs") or [dict(m, arms=["all"])]],
              "", f"- teacher {m['teacher']}; student width {m['width']}; seq {m['seq_len']}, "
              f"{m['step_tokens']} tokens a step, {m['steps']} steps ({m['budget_tokens']:,} training tokens an arm); "
              f"constant lr after {m['warmup']} warmup step(s); dtype {m['dtype']} (held-out CE in fp32)",
@@ -442,10 +444,12 @@ def plot(res, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    for k, a in res["arms"].items():
+    colors = plt.cm.tab20.colors  # more arms than the default cycle's 10 colours
+    for i, (k, a) in enumerate(res["arms"].items()):
         xs, ys = curves(a)
         x0 = [max(x, 256) for x in xs]  # a start at 0 tokens drawn at 256 (log axis)
-        ax.plot(x0, ys, "-" if a["kind"] == "lrc" else "--", marker="o", ms=3, label=f"{k}: {a['label']}")
+        ax.plot(x0, ys, "-" if a["kind"] == "lrc" else "--", marker="o", ms=3, color=colors[(2 * i) % 20 + (i >= 10)],
+                label=f"{k}: {a['label']}")
     tce = res["meta"].get("teacher_ce")
     if tce is not None:
         ax.axhline(tce, color="k", lw=0.8, ls=":", label=f"teacher {tce:.2f}")
@@ -454,7 +458,7 @@ def plot(res, path: Path):
     ax.set_xscale("log")
     ax.set_xlabel("tokens, pre-step-0 calibration included (starts at 0 drawn at 256)")
     ax.set_ylabel("held-out CE (fp32)")
-    ax.set_title(f"{res['meta']['teacher']} -> d_S {res['meta']['width']}", fontsize=9)
+    ax.set_title(f"{Path(res['meta']['teacher']).name} -> d_S {res['meta']['width']}", fontsize=9)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=6)
     fig.tight_layout()
@@ -517,6 +521,7 @@ def main(argv=None) -> int:
     path = out / "results.json"
     res = json.loads(path.read_text()) if path.is_file() else {"arms": {}}
     t_ce = row_ce(teacher, held, device)
+    runs = res.get("meta", {}).get("runs", [])  # every invocation that added arms, oldest first
     res["meta"] = dict(command="python experiments/token_efficiency.py " + " ".join(argv or sys.argv[1:]),
                        date=datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), commit=quality.git_commit(),
                        machine=quality.machine(), teacher=src, width=args.width, seq_len=args.seq_len,
@@ -525,6 +530,8 @@ def main(argv=None) -> int:
                        heldout_rows=held.shape[0], teacher_ce=sum(t_ce) / len(t_ce),
                        calibration_tokens=args.calibration_tokens, calibration_generated=args.calibration_generated,
                        data=splits[0]["info"])
+    res["meta"]["runs"] = runs + [{k: res["meta"][k] for k in ("command", "date", "commit", "machine")}
+                                  | dict(arms=[a for a in args.arms.split(",") if not res["arms"].get(a, {}).get("done")])]
     for name in args.arms.split(","):
         if res["arms"].get(name, {}).get("done"):
             say(f"{name}: done before, skipped")

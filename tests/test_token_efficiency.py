@@ -40,6 +40,7 @@ def test_smoke_outputs(smoke):
     out, res = smoke
     m = res["meta"]
     assert m["budget_tokens"] == 128 and m["steps"] == 4 and m["heldout_rows"] == 6
+    assert len(m["runs"]) == 1 and m["runs"][0]["arms"] == list(te.ARMS)  # one invocation made every arm
     assert set(res["arms"]) == set(te.ARMS)
     for k, a in res["arms"].items():
         assert a["done"], k
