@@ -35,7 +35,6 @@ Results (JSON, README.md, PNG) are rewritten after every arm; finished arms are 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import json
@@ -380,7 +379,7 @@ def readme(res, out: Path) -> str:
     lines = [f"# Token efficiency: LRC against equal-start baselines", "",
              "Made by (experiments/token_efficiency.py; each run adds the arms it lists):", "",
              *[f"- `{r['command']}` ({', '.join(r['arms'])}): {r['date']}, commit {r['commit']}, {r['machine']}"
-               for r in m.get("runs") or [dict(m, arms=["all"])]],
+               for r in m["runs"]],
              "", f"- teacher {m['teacher']}; student width {m['width']}; seq {m['seq_len']}, "
              f"{m['step_tokens']} tokens a step, {m['steps']} steps ({m['budget_tokens']:,} training tokens an arm); "
              f"constant lr after {m['warmup']} warmup step(s); dtype {m['dtype']} (held-out CE in fp32)",
@@ -444,7 +443,7 @@ def plot(res, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(8.5, 5.5))
-    colors = plt.cm.tab20.colors  # more arms than the default cycle's 10 colours
+    colors = plt.cm.tab20.colors  # more arms than the default cycle's 10: tab20's dark shades, then its light
     for i, (k, a) in enumerate(res["arms"].items()):
         xs, ys = curves(a)
         x0 = [max(x, 256) for x in xs]  # a start at 0 tokens drawn at 256 (log axis)
@@ -504,7 +503,7 @@ def main(argv=None) -> int:
         raise SystemExit(f"--arms: unknown {','.join(unknown)} (known: {','.join(ARMS)})")
     device = torch.device("cpu")
     dtype, _ = train.auto_dtype(device) if args.dtype == "auto" else (args.dtype, "")
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    amp = train.autocast_for(device, dtype)
     teacher, tok, src = teacher_mod.load(args.teacher)
     teacher.eval()
     splits = {}

@@ -143,9 +143,12 @@ def resolve_device(cfg: TrainConfig):
         name = f"cuda:{os.environ['LOCAL_RANK']}"
     device = torch.device(name)
     dtype, why = auto_dtype(device) if cfg.dtype == "auto" else (cfg.dtype, "--dtype")
-    amp = (torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16"
-           else contextlib.nullcontext())
-    return device, dtype, amp, why
+    return device, dtype, autocast_for(device, dtype), why
+
+
+def autocast_for(device, dtype: str):
+    """The run's compute context: bf16 autocast over fp32 weights, or nothing."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
 
 
 BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # native bf16 matmul instructions (x86; aarch64)
@@ -179,7 +182,7 @@ def bf16_matmul_speedup(m: int = 256, k: int = 768, n: int = 768, reps: int = 3)
     return best[0] / best[1]
 
 
-def auto_dtype(device, probe=None) -> tuple[str, str]:
+def auto_dtype(device) -> tuple[str, str]:
     """--dtype auto: (dtype, why). bf16 autocast (fp32 master weights) on CUDA and on CPUs whose
     bf16 matmul is native and measured faster than fp32 here; fp32 elsewhere."""
     if device.type == "cuda":
@@ -187,7 +190,7 @@ def auto_dtype(device, probe=None) -> tuple[str, str]:
     have = sorted(cpu_flags() & set(BF16_CPU_FLAGS))
     if not have:
         return "float32", "auto: no native bf16 matmul on this CPU (no avx512_bf16 / amx_bf16 / bf16 flag)"
-    speedup = (probe or bf16_matmul_speedup)()
+    speedup = bf16_matmul_speedup()
     seen = f"the CPU has {'/'.join(have)} and a bf16 matmul ran at {speedup:.2f}x fp32's rate here"
     if speedup >= BF16_MIN_SPEEDUP:
         return "bfloat16", f"auto: {seen}; parity in bench/results/bf16_cpu_parity.md"
@@ -371,9 +374,10 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     device, dtype, amp, dtype_why = resolve_device(cfg)
     par = distributed.Parallel(distributed.resolve_mode(cfg.parallel))
     par.init(device.type, cfg.dist_timeout)
-    if device.type == "cpu":
-        dtype, dtype_why = agree_dtype(cfg, dtype, dtype_why, par)
-        amp = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
+    if device.type == "cpu":  # only a CPU's auto choice is measured, so only there can ranks differ
+        agreed, dtype_why = agree_dtype(cfg, dtype, dtype_why, par)
+        if agreed != dtype:
+            dtype, amp = agreed, autocast_for(device, agreed)
     _MAIN = par.is_main
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
