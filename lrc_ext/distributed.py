@@ -36,7 +36,11 @@ layer (the teacher's layer, then the student's) through the student layer's modu
   storage, so the saved tensor is valid again); once the gradient reaches the layer's input
   the post-backward hook frees the pair and reduce-scatters grad P_i (the teacher has none).
 
-At any time one pair is unsharded (plus FSDP2's prefetch of the next one). The root group
+The student weights ``W_S = W_T @ P`` of a layer live only while its pair is gathered, too: the
+clone linears run with ``recompute_ws`` under FSDP2, so the forward keeps no W_S for the
+backward, which forms it again from the regathered W_T (one more GEMM a linear; kept, the
+W_S of every layer would stay unsharded from its forward to its backward: the whole student,
+unsharded, on every rank). At any time one pair is unsharded (plus FSDP2's prefetch of the next one). The root group
 (the teacher's LM head and final norm, which the distillation head needs in the backward
 too, the student's P_emb / P_head / final norm) stays unsharded through a step, as FSDP2 does
 for roots. An untied teacher embedding is a group of its own, gathered only for the token
@@ -165,6 +169,10 @@ class Parallel:
             from torch.distributed.fsdp import fully_shard
             mesh = init_device_mesh(device.type, (self.world,))
             t = model.teacher
+            from .modules import FusedCloneLinear
+            for m in model.modules():  # W_S lives only while its pair is gathered (module docstring)
+                if isinstance(m, FusedCloneLinear):
+                    m.recompute_ws = True
             for sl, tl in zip(model.layers, t.model.layers):
                 fully_shard([sl, tl], mesh=mesh)  # one group per lockstep pair: see the module docstring
             if t.get_input_embeddings().weight is not t.get_output_embeddings().weight:

@@ -86,6 +86,8 @@ class FusedCloneLinear(nn.Module):
         self.__dict__["teacher"] = teacher_linear  # plain attribute: bypasses Module registration
         self.side, self.fused = side, fused
         self.__dict__["step_ws"] = None  # W_S of the optimiser step (lrc_ext/step_weights.py), if any
+        # True: W_S is not kept from forward to backward but formed again there (set under FSDP2)
+        self.recompute_ws = False
         dtype, device = student_placement(w, dtype)
         self.proj = nn.Parameter(torch.empty(d_t, int(student_features), dtype=dtype, device=device))
         nn.init.normal_(self.proj, 0.0, init_std)
@@ -117,6 +119,8 @@ class FusedCloneLinear(nn.Module):
                                                               self.side, **extra)
             return y if target is None else (y, mse)
         op = resolve_op("clone_linear", fused)
+        if self.recompute_ws:
+            extra["recompute_ws"] = True
         # detach: the teacher stays frozen even if the caller left requires_grad on its weights
         y, mse = op(x, self.teacher.weight.detach(), self.proj, self.student_bias(), target, self.side, **extra)
         return y if target is None else (y, mse)

@@ -384,6 +384,59 @@ def test_empty_batch(device):
     assert y.shape == (0, 7) and torch.isnan(mse)
 
 
+@pytest.mark.parametrize("shape", SHAPES[1:4])
+@pytest.mark.parametrize("side, bias", CASES)
+@pytest.mark.parametrize("fn", [clone_linear, clone_linear_reference], ids=["fused", "reference"])
+def test_recompute_ws_fp64(shape, side, bias, fn):
+    """recompute_ws (FSDP2: W_S not kept from forward to backward) gives the same outputs and
+    every gradient as keeping W_S: to the last bit for the fused op (the backward forms the
+    same product of the same saved tensors), to fp64 rounding for the checkpointed reference."""
+    x, w, p, b, t = make(side, *shape, torch.float64, "cpu", bias=bias)
+    kept = run(fn, x, w, p, b, t, side, grad_all=True)
+    again = run(lambda *a: fn(*a, recompute_ws=True), x, w, p, b, t, side, grad_all=True)
+    assert_same_keys(kept, again)
+    for k, v in kept.items():
+        if v is None:
+            continue
+        if fn is clone_linear:
+            assert torch.equal(v, again[k]), k
+        else:
+            torch.testing.assert_close(again[k], v, rtol=1e-12, atol=1e-14, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_recompute_ws_gradcheck(side):
+    x, w, p, b, t = make(side, (2, 3), 5, 4, 6, torch.float64, "cpu")
+    leaves = [v.requires_grad_() for v in (x, w, p, t)]
+    assert torch.autograd.gradcheck(lambda x, w, p, t: clone_linear(x, w, p, None, t, side, recompute_ws=True),
+                                    leaves)
+
+
+@pytest.mark.parametrize("fn", [clone_linear, clone_linear_reference], ids=["fused", "reference"])
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_recompute_ws_keeps_no_ws(fn, side):
+    """With recompute_ws nothing of W_S's shape is saved for the backward; without it, W_S is."""
+    x, w, p, b, t = make(side, (16,), 48, 24, 40, torch.float32, "cpu")
+    p.requires_grad_()
+    x.requires_grad_()  # grad_x = g @ W_S: what W_S is kept for
+    ws_shape = (w.shape[0], p.shape[1]) if side == "in" else (p.shape[1], w.shape[1])
+
+    def saved_shapes(**kw):
+        shapes = []
+
+        def pack(v):
+            shapes.append(tuple(v.shape))
+            return v
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda v: v):
+            fn(x, w, p, None, t, side, **kw)
+        return shapes
+
+    def has_ws(shapes):  # W_S or its transpose (F.linear saves the view it multiplies)
+        return ws_shape in shapes or ws_shape[::-1] in shapes
+    assert has_ws(saved_shapes())
+    assert not has_ws(saved_shapes(recompute_ws=True))
+
+
 @pytest.mark.parametrize("side", ["in", "out"])
 def test_saves_one_activation_buffer(side):
     """Backward keeps one (N, out) buffer (the difference d, in the input dtype): neither

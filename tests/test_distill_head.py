@@ -521,3 +521,24 @@ def test_bench_quick(tmp_path):
     assert rows["fused"]["status"] == "ok" and rows["eager"]["status"] == "ok"
     assert rows["fused"]["loss_rel_diff_vs_eager"] < 1e-5
     assert rows["fused"]["peak_bytes"] < rows["eager"]["peak_bytes"]
+
+
+@pytest.mark.parametrize("m", [1, 3, 7, 9])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_cpu_gemm_long_k(m, dtype, accumulate, monkeypatch):
+    """The head's CPU GEMMs over the vocabulary: a few-row chunk is as accurate as a full one
+    (fp32 out; a cancelling logits gradient, as g is), and half inputs are cast a block at a
+    time (blocks forced small here) with the same result as one fp32 GEMM."""
+    monkeypatch.setattr(dh, "CPU_CAST_BLOCK_BYTES", 1 << 16)
+    g0 = torch.Generator().manual_seed(m)
+    k, n = 50_000, 24
+    p = torch.softmax(torch.randn(m, k, generator=g0) / 40, 1)
+    a = (p - torch.softmax(torch.randn(m, k, generator=g0) / 40, 1)).to(dtype)
+    b = (torch.randn(k, n, generator=g0) * 0.02).to(dtype)
+    out0 = torch.randn(m, n, generator=g0) * 1e-6
+    out = out0.clone()
+    dh._gemm(out, a, b, 0.5, accumulate=accumulate)
+    exact = (out0.double() if accumulate else 0.0) + 0.5 * (a.double() @ b.double())
+    bound = 1e-6 if m < dh.CPU_SMALL_M else 1e-5  # fp64-accumulated / BLAS fp32 of >= 8 rows
+    assert rel_err(out, exact) < bound, (m, dtype, rel_err(out, exact))

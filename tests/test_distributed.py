@@ -193,6 +193,8 @@ def _probe(rank, world, port, q):
             model.teacher(x)
         seen["after_teacher_alone"] = gathered()
         seen["bytes"] = param_bytes(model)
+        from lrc_ext.modules import FusedCloneLinear
+        seen["recompute_ws"] = {m.recompute_ws for m in model.modules() if isinstance(m, FusedCloneLinear)}
         if rank == 0:
             q.put({k: (sorted(v) if isinstance(v, set) else v) for k, v in seen.items()})
     finally:
@@ -225,6 +227,7 @@ def test_fsdp_gathers_one_teacher_layer_at_a_time():
     # backward: never more than one layer pair gathered; each one is, in turn
     assert all(len(g) <= 1 for g in seen["bwd"]) and {g for g in map(tuple, seen["bwd"]) if g} == {(0,), (1,), (2,)}
     assert seen["after_forward"] == seen["after_backward"] == seen["after_teacher_alone"] == ()
+    assert seen["recompute_ws"] == [True]  # no layer's W_S kept from its forward to its backward
     b = seen["bytes"]
     assert b["teacher_local"] <= b["teacher_full"] / 2 + 4096 and b["student_local"] <= b["student_full"] / 2 + 4096
 

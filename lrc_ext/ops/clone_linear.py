@@ -13,14 +13,19 @@ d = w_r (y - t), so the backward below is unchanged but for grad_mse scaled by N
 
 ``clone_linear`` is the fused op (kernels: csrc/clone_linear.{cpp,cu}); how it runs:
 
-forward   W_S = W_T @ P (or P.T @ W_T), once, kept for the backward (never recomputed);
+forward   W_S = W_T @ P (or P.T @ W_T), once, kept for the backward (recompute_ws=True: not
+          kept, formed again in the backward from the saved W_T and P - one more GEMM for
+          not holding W_S between the two, which FSDP2 wants: there W_T is gathered again
+          for the backward anyway, and a kept W_S would leave every layer's student weights
+          unsharded from its forward to its backward);
           y = x @ W_S.T (+ bias)                                   [cuBLAS / CPU BLAS]
           t = target (in) or target @ P (out, a temporary)
           one pass of our epilogue kernel: d = y - t, written over t's temporary on the
           output side, and sum(d^2)/numel with a fixed reduction order
           (out side, when P needs a gradient) G_t = target.T @ d, (d_T, d_S): the part of
           grad P that flows through the target y_T @ P, so y_T itself is not kept.
-          Saved for backward: x, W_T, P (all held by the caller anyway), W_S, d, G_t:
+          Saved for backward: x, W_T, P (all held by the caller anyway), W_S (unless
+          recomputed), d, G_t:
           ONE (N, out) buffer, d, in the input dtype; not y_S, not y_T.
 backward  one pass of our merge kernel: g = grad_y + (2 grad_mse / numel) d
           (grad_mse read on the device: no host sync); then
@@ -56,12 +61,21 @@ _OP = "clone_linear"
 SIDES = ("in", "out")
 
 
-def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
-                           target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
-    """Plain PyTorch: the oracle every fused path is tested against."""
-    side_out = side_is_out(side)
+def _linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None, side_out: bool) -> Tensor:
     w_s = proj.t() @ weight if side_out else weight @ proj
-    y = torch.nn.functional.linear(x, w_s, None if side_out else bias)
+    return torch.nn.functional.linear(x, w_s, None if side_out else bias)
+
+
+def clone_linear_reference(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
+                           target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None,
+                           recompute_ws: bool = False):
+    """Plain PyTorch: the oracle every fused path is tested against. recompute_ws: the linear
+    runs under activation checkpointing, so autograd keeps no W_S (and recomputes y too)."""
+    side_out = side_is_out(side)
+    if recompute_ws and torch.is_grad_enabled():
+        y = torch.utils.checkpoint.checkpoint(_linear_reference, x, weight, proj, bias, side_out, use_reentrant=False)
+    else:
+        y = _linear_reference(x, weight, proj, bias, side_out)
     if target is None:
         return y, None
     tgt = target @ proj if side_out else target
@@ -253,10 +267,11 @@ def _no_autocast(t: Tensor):
 @torch.library.custom_op("lrc_ext::clone_linear", mutates_args=())
 def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
                      side_out: bool, target_proj_grad: bool,
-                     row_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+                     row_weight: Optional[Tensor] = None,
+                     recompute_ws: bool = False) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """x 2-D (N, in_S), target 2-D or None, row_weight (N,) fp32 or None. Returns (y, mse, W_S,
     d, G_t); d and G_t are empty when not computed (no target; G_t only on the output side
-    with target_proj_grad)."""
+    with target_proj_grad). recompute_ws: the backward forms W_S again (it is not saved)."""
     _validate(x, weight, proj, bias, target, side_out)
     _check_row_weight(row_weight, x, target)
     with _no_autocast(x):
@@ -283,7 +298,7 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
 
 
 @_clone_linear_op.register_fake
-def _(x, weight, proj, bias, target, side_out, target_proj_grad, row_weight=None):
+def _(x, weight, proj, bias, target, side_out, target_proj_grad, row_weight=None, recompute_ws=False):
     out_s = proj.shape[1] if side_out else weight.shape[0]
     in_s = weight.shape[1] if side_out else proj.shape[1]
     y = x.new_empty((x.shape[0], out_s))
@@ -296,8 +311,10 @@ def _(x, weight, proj, bias, target, side_out, target_proj_grad, row_weight=None
 
 
 def _setup(ctx, inputs, output):
-    x, weight, proj, bias, target, side_out, target_proj_grad, row_weight = inputs
+    x, weight, proj, bias, target, side_out, target_proj_grad, row_weight, recompute_ws = inputs
     y, mse, w_s, d, g_t = output
+    if recompute_ws:
+        w_s = None  # formed again in the backward
     # Weighted rows: d already holds w_r (y - t); the backward's k = 2 / (N out) becomes
     # 2 / (sum(w) out) by scaling grad_mse with N / sum(w).
     mse_scale = (x.shape[0] / _wsum(row_weight, mse.dtype) if row_weight is not None and target is not None
@@ -312,6 +329,9 @@ def _setup(ctx, inputs, output):
 
 def _backward(ctx, grad_y, grad_mse, _g_ws, _g_d, _g_gt):
     x, weight, proj, w_s, d, g_t, mse_scale = ctx.saved_tensors
+    if w_s is None:  # recompute_ws: the same product of the same saved tensors as the forward's
+        with _no_autocast(x):
+            w_s = proj.t() @ weight if ctx.side_out else weight @ proj
     needs = list(ctx.needs_input_grad[:5])
     if not ctx.has_target:
         needs[4] = False
@@ -323,7 +343,7 @@ def _backward(ctx, grad_y, grad_mse, _g_ws, _g_d, _g_gt):
                            f"call lrc_ext.ops.clone_linear(), which sets it")
     grads = torch.ops.lrc_ext.clone_linear_backward(grad_y, grad_mse, x, weight, proj, w_s, d, g_t, ctx.side_out,
                                                     needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
 _clone_linear_op.register_autograd(_backward, setup_context=_setup)
@@ -410,7 +430,8 @@ def _autocast(x: Tensor, *ts):
 
 
 def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = None,
-                 target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+                 target: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None,
+                 recompute_ws: bool = False):
     """Fused clone linear; same contract as :func:`clone_linear_reference`.
 
     Returns ``(y, mse)``: y of shape (..., out_S) in the input dtype, mse the 0-dim mean of
@@ -420,6 +441,8 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
     grad (the teacher is normally frozen: then none is computed for it). ``row_weight``
     (x's leading dimensions, non-negative; cast to fp32, never differentiated): the MSE's
     weighted mean over rows, e.g. 0/1 to count the kept rows only (see the module docstring).
+    ``recompute_ws``: do not keep W_S for the backward, which forms it again (same result,
+    one more GEMM; FusedCloneLinear sets it under FSDP2).
     """
     _check_call(x, weight, proj, bias, target, row_weight)
     side_out = side_is_out(side)
@@ -430,7 +453,7 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
     w2 = row_weight.detach().reshape(-1).to(torch.float32) if row_weight is not None else None
     target_proj_grad = bool(side_out and target is not None and proj.requires_grad and torch.is_grad_enabled())
     y, mse, _w_s, _d, _g_t = torch.ops.lrc_ext.clone_linear(x2, weight, proj, bias, t2, side_out, target_proj_grad,
-                                                            w2)
+                                                            w2, bool(recompute_ws))
     y = y.view(*lead, y.shape[-1])
     return y, (mse if target is not None else None)
 

@@ -218,10 +218,10 @@ def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
     """out (fp32/fp64) = [out +] alpha * (a @ b), a and b in the input dtype: products
     accumulated in fp32 and written in fp32 (no rounding to the input dtype on the way)."""
     beta = 1.0 if accumulate else 0.0
-    if a.dtype == out.dtype:
+    if not out.is_cuda:
+        _gemm_cpu(out, a, b, alpha, beta)
+    elif a.dtype == out.dtype:
         out.addmm_(a, b, beta=beta, alpha=alpha)
-    elif not out.is_cuda:  # half inputs on CPU: an fp32 GEMM
-        out.addmm_(a.to(out.dtype), b.to(out.dtype), beta=beta, alpha=alpha)
     elif _cuda_out_dtype_ok(out.device, a.dtype, "addmm"):
         torch.addmm(out, a, b, beta=beta, alpha=alpha, out_dtype=out.dtype, out=out)
     else:
@@ -233,6 +233,41 @@ def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
             out.copy_(tmp)
             if alpha != 1.0:
                 out.mul_(alpha)
+
+
+# CPU GEMMs with a long inner dimension K (the vocabulary, for grad h_s and X = g @ W_T):
+# - a few rows (M < CPU_SMALL_M, a chunk's tail): CPU BLAS may add the K terms in sequence
+#   there (measured with torch's MKL on an AVX-512 machine, K = 151,936: 1e-4 relative for
+#   M < 6, 4e-7 for M = 6), so such GEMMs accumulate in fp64, a block of K at a time;
+# - half inputs (no fp32-output half GEMM on CPU): fp32 copies of the operands, made a block
+#   at a time, so that a V x d_T head is never copied whole.
+# Blocks hold at most CPU_CAST_BLOCK_BYTES of operand copies.
+CPU_SMALL_M, CPU_LONG_K = 8, 4096
+CPU_CAST_BLOCK_BYTES = 16 << 20
+
+
+def _gemm_cpu(out: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float):
+    """out = beta * out + alpha * (a @ b), see above."""
+    m, k = a.shape
+    small = m < CPU_SMALL_M and k > CPU_LONG_K and out.dtype == torch.float32
+    if not small and a.dtype == out.dtype and b.dtype == out.dtype:
+        out.addmm_(a, b, beta=beta, alpha=alpha)
+        return
+    dt = torch.float64 if small else out.dtype
+    dst = torch.zeros(m, b.shape[1], dtype=dt) if small else out
+    if k == 0 and not small and beta == 0.0:
+        out.zero_()
+    per = max(1, CPU_CAST_BLOCK_BYTES // (dst.element_size() * (m + b.shape[1])))
+    for k0 in range(0, k, per):
+        k1 = min(k, k0 + per)
+        first = k0 == 0 and not small
+        dst.addmm_(a[:, k0:k1].to(dt), b[k0:k1].to(dt), beta=beta if first else 1.0, alpha=1.0 if small else alpha)
+    if small:
+        dst.mul_(alpha)
+        if beta == 0.0:
+            out.copy_(dst)
+        else:
+            out.add_(dst.to(out.dtype))
 
 
 # ----------------------------------------------------------------------------- the computation
@@ -429,7 +464,7 @@ class _HeadGrads:
         if w.dtype == g_p.dtype:
             torch.mm(w.t(), self.g_w, out=g_p)
         elif g_p.device.type == "cpu":
-            g_p.addmm_(w.t().to(g_p.dtype), self.g_w, beta=0.0)
+            _gemm_cpu(g_p, w.t(), self.g_w, 1.0, 0.0)
         else:
             _gemm(g_p, w.t(), self.g_w.to(w.dtype), 1.0, accumulate=False)
 
