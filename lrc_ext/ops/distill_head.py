@@ -236,13 +236,14 @@ def _gemm(out: Tensor, a: Tensor, b: Tensor, alpha: float, accumulate: bool):
 
 
 # CPU GEMMs with a long inner dimension K (the vocabulary, for grad h_s and X = g @ W_T):
-# - a few rows (M < CPU_SMALL_M, a chunk's tail): CPU BLAS may add the K terms in sequence
-#   there (measured with torch's MKL on an AVX-512 machine, K = 151,936: 1e-4 relative for
-#   M < 6, 4e-7 for M = 6), so such GEMMs accumulate in fp64, a block of K at a time;
+# - a few rows (M < CPU_SMALL_M, e.g. the unlabelled rows' KL-only chunk): CPU BLAS may add
+#   the K terms of such a GEMM in sequence (measured with torch's MKL on an AVX-512 machine,
+#   K = 151,936: 1e-4 relative for M < 6, 4e-7 for M = 6), so they run as fp32 GEMMs over
+#   blocks of CPU_SMALL_M_BLOCK terms whose results are summed in fp64 (2e-7 there), with no
+#   copy of the operands;
 # - half inputs (no fp32-output half GEMM on CPU): fp32 copies of the operands, made a block
-#   at a time, so that a V x d_T head is never copied whole.
-# Blocks hold at most CPU_CAST_BLOCK_BYTES of operand copies.
-CPU_SMALL_M, CPU_LONG_K = 8, 4096
+#   at a time (at most CPU_CAST_BLOCK_BYTES), so that a V x d_T head is never copied whole.
+CPU_SMALL_M, CPU_LONG_K, CPU_SMALL_M_BLOCK = 8, 4096, 512
 CPU_CAST_BLOCK_BYTES = 16 << 20
 
 
@@ -250,24 +251,31 @@ def _gemm_cpu(out: Tensor, a: Tensor, b: Tensor, alpha: float, beta: float):
     """out = beta * out + alpha * (a @ b), see above."""
     m, k = a.shape
     small = m < CPU_SMALL_M and k > CPU_LONG_K and out.dtype == torch.float32
-    if not small and a.dtype == out.dtype and b.dtype == out.dtype:
+    cast = a.dtype != out.dtype or b.dtype != out.dtype
+    if not (small or cast):
         out.addmm_(a, b, beta=beta, alpha=alpha)
         return
-    dt = torch.float64 if small else out.dtype
-    dst = torch.zeros(m, b.shape[1], dtype=dt) if small else out
-    if k == 0 and not small and beta == 0.0:
-        out.zero_()
-    per = max(1, CPU_CAST_BLOCK_BYTES // (dst.element_size() * (m + b.shape[1])))
+    if k == 0:
+        if beta == 0.0:
+            out.zero_()
+        return
+    per = max(1, CPU_CAST_BLOCK_BYTES // (out.element_size() * (m + b.shape[1]))) if cast else k
+    acc = torch.zeros(m, b.shape[1], dtype=torch.float64) if small else None
+    if small:
+        per = min(per, CPU_SMALL_M_BLOCK)
     for k0 in range(0, k, per):
         k1 = min(k, k0 + per)
-        first = k0 == 0 and not small
-        dst.addmm_(a[:, k0:k1].to(dt), b[k0:k1].to(dt), beta=beta if first else 1.0, alpha=1.0 if small else alpha)
-    if small:
-        dst.mul_(alpha)
-        if beta == 0.0:
-            out.copy_(dst)
+        a_k, b_k = a[:, k0:k1].to(out.dtype), b[k0:k1].to(out.dtype)
+        if small:
+            acc += torch.mm(a_k, b_k)
         else:
-            out.add_(dst.to(out.dtype))
+            out.addmm_(a_k, b_k, beta=beta if k0 == 0 else 1.0, alpha=alpha)
+    if small:
+        acc.mul_(alpha)
+        if beta == 0.0:
+            out.copy_(acc)
+        else:
+            out.add_(acc.to(out.dtype))
 
 
 # ----------------------------------------------------------------------------- the computation
@@ -647,10 +655,15 @@ def _setup_ws(ctx, inputs, output):
     ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w = lm_weight, chunk_size, need_h, need_w
     ctx.h_dtype, ctx.w_dtype = h_s.dtype, w_head_s.dtype
     ctx.save_for_backward(g_h, g_w, *((h_s, w_head_t, w_head_s, labels) if ctx.both else ()))
+    # g_h, g_w are outputs only to be saved: no V x d_S zero gradient filled for g_w each call
+    ctx.set_materialize_grads(False)
 
 
 def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
     g_h, g_w = ctx.saved_tensors[:2]
+    if grad_lm is None or grad_kl is None:  # a loss term the caller did not use: upstream 0
+        grad_lm = torch.zeros_like(grad_kl) if grad_lm is None else grad_lm
+        grad_kl = torch.zeros_like(grad_lm) if grad_kl is None else grad_kl
     if not ctx.both:
         up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
         gh, gw = _scaled(g_h, up, ctx.h_dtype), _scaled(g_w, up, ctx.w_dtype)
