@@ -11,8 +11,10 @@ survives a machine whose speed drifts:
                                 [--tokens-per-step 2048] [--steps 4] [--block 2] [--dtype float32|bfloat16]
 
 The teacher defaults to the trainer's default (SmolLM2-135M-Instruct); inputs are random token
-ids; the student is the default job's (d_S 288, normal init). Prints each path's median
-tokens/s and the median of the per-pair ratios.
+ids; the student has the default job's width (config.TrainConfig.student_hidden_size, 432
+today; --d-s to change it), initialised normal (the init does not change a step's cost).
+Prints each path's median tokens/s, the median of the per-pair ratios, and the ratio the
+FLOP count allows (bench/bench_step.py's step_flops).
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import torch
 from lrc_ext import config, teacher as teacher_mod
 from lrc_ext.model import LowRankClone
 from lrc_ext.train import Trainer
+from bench_step import Shape, step_flops  # this folder's; run as a script, it is on sys.path
 
 
 class _Rows:
@@ -46,7 +49,8 @@ def main(argv=None) -> int:
     ap.add_argument("--block", type=int, default=2,
                     help="consecutive steps of one path per turn, the last one timed (a step right after the other "
                          "path pays for its buffers again; training never alternates). 1: A B A B, one warm-up round")
-    ap.add_argument("--d-s", type=int, default=288)
+    ap.add_argument("--d-s", type=int, default=config.TrainConfig().student_hidden_size,
+                    help="the student's width (default: the trainer's)")
     ap.add_argument("--compare", choices=("steps", "dtype"), default="steps")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="bfloat16: autocast over fp32 master weights, as the trainer does")
@@ -88,6 +92,16 @@ def main(argv=None) -> int:
         print(f"  {name:20} {tok / statistics.median(ts):8.1f} tokens/s (median; min {tok / max(ts):.1f}, "
               f"max {tok / min(ts):.1f})")
     print(f"  speed-up ({names[True]} / {names[False]}, median of pairs): {ratio:.3f}x")
+    if args.compare == "steps":
+        c = teacher.config
+        shape = Shape("teacher", c.hidden_size, c.num_hidden_layers, c.num_attention_heads,
+                      getattr(c, "num_key_value_heads", None) or c.num_attention_heads,
+                      getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads, c.intermediate_size,
+                      vocab, args.d_s, args.seq, args.micro_batch, args.micro_batch,
+                      tie=bool(getattr(c, "tie_word_embeddings", False)))
+        fl = {sw: step_flops(shape, args.micro_batch, args.seq, cfg.accum_steps(), sw)["total"] for sw in (True, False)}
+        print(f"  the FLOP count allows {fl[False] / fl[True]:.3f}x ({fl[False] / 1e9:.0f} against "
+              f"{fl[True] / 1e9:.0f} GFLOP a micro-batch; bench_step.step_flops)")
     return 0
 
 

@@ -468,6 +468,7 @@ class LowRankClone(nn.Module):
             op = resolve_op("distill_head", self.fused, "_ws")
             if labels is None and walk.rows is None:  # labelled: all but each row's last, known from the shape
                 extra["n_valid"] = walk.B * (walk.S - 1)  # no count, no host sync
+            extra["grad_acc"] = self.__dict__.get("step_head_grad")  # grad W_head_S added in place
         return op(
             h_s, h_t, w_t, p, nxt, **extra, tau=self.tau, lm_weight=float(self.use_lm),
             kl_weight=float(self.use_kl), kl_reduction=self.kl_reduction, batch_size=walk.B,

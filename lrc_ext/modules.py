@@ -116,7 +116,8 @@ class FusedCloneLinear(nn.Module):
         w_s = self.__dict__.get("step_ws")
         if w_s is not None:  # formed once this optimiser step; P enters only through the target
             y, mse = resolve_op("clone_linear", fused, "_ws")(x, w_s, self.student_bias(), target, self.proj,
-                                                              self.side, **extra)
+                                                              self.side, grad_acc=self.__dict__.get("step_ws_grad"),
+                                                              **extra)
             return y if target is None else (y, mse)
         op = resolve_op("clone_linear", fused)
         if self.recompute_ws:

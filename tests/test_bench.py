@@ -275,3 +275,16 @@ def test_bench_clone_linear_cutlass_variant_wiring(monkeypatch):
         assert t["clone_linear.cutlass.ratio_vs_bare_gemm"].get("note") is None
         assert "max-autotune" in t["clone_linear.cutlass.speedup_vs_compile"]["note"]
         assert t["clone_linear.cutlass.err_vs_eager"]["value"] == by["cutlass"]["err_vs_eager"]
+
+
+def test_bench_accum_tiny(tmp_path):
+    """bench_accum on a tiny saved teacher: both paths run, the ratio and the FLOP bound print."""
+    from _tiny import tiny_teacher, tiny_tokenizer
+    tiny_teacher("llama", tie=True).save_pretrained(tmp_path / "t")
+    tiny_tokenizer().save_pretrained(tmp_path / "t")
+    r = run([BENCH / "bench_accum.py", "--teacher", tmp_path / "t", "--micro-batch", "2", "--seq", "8",
+             "--tokens-per-step", "32", "--steps", "1", "--block", "1", "--d-s", "16"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "W_S per step" in r.stdout and "speed-up" in r.stdout
+    bound = float(r.stdout.split("the FLOP count allows ")[1].split("x")[0])
+    assert bound > 1.0  # accumulation 2: the weight products count half

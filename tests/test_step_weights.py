@@ -75,6 +75,45 @@ def test_step_weights_same_gradients(accum, family, tie, fused, labels, kw):
     assert all(getattr(m, "step_ws", None) is None for m in model.modules()) and model.step_head is None
 
 
+@pytest.mark.parametrize("fused", [None, False])
+def test_step_weights_buffers_reused_and_zeroed(fused):
+    """Two steps in a row give the per-micro-batch gradients each time (the buffers are zeroed at
+    each step's start and reused, not reallocated); the ops fill the buffers, not the leaves."""
+    model = _model("llama", True, fused)
+    batches = _batches(2)
+    ref, _ = _grads(model, batches, step_weights=False)
+    ptrs = None
+    for _ in range(2):
+        model.zero_grad(set_to_none=True)
+        sw = StepWeights(model)
+        for ids, mask, lab in batches:
+            (model(ids, attention_mask=mask, labels=lab).loss / 2).backward()
+        q = model.layers[0].q
+        assert q.step_ws.grad is None and model.step_head.grad is None  # all in the buffers, either path
+        sw.backward()
+        now = [q.step_ws_grad.data_ptr(), model.step_head_grad.data_ptr()]
+        assert ptrs is None or now == ptrs
+        ptrs = now
+        for n, p in model.named_parameters():
+            if n in ref:
+                torch.testing.assert_close(p.grad, ref[n], rtol=1e-10, atol=1e-12, msg=n)
+
+
+def test_step_weights_unused_weight_keeps_no_gradient():
+    """A W_S no op read this step: its P gets no gradient (None, as autograd leaves an unused
+    parameter), not a zero one from its untouched buffer."""
+    model = _model("llama", True, None)
+    ids, mask, _ = _batches(1)[0]
+    sw = StepWeights(model)
+    q = model.layers[0].q
+    q.__dict__["step_ws"] = None  # this linear forms its own W_S: the step's goes unused
+    model(ids, attention_mask=mask).loss.backward()
+    grad_before = q.proj.grad.clone()
+    sw.backward()
+    torch.testing.assert_close(q.proj.grad, grad_before, rtol=0, atol=0)  # nothing added for the unused W_S
+    assert model.layers[1].q.proj.grad is not None
+
+
 def test_step_weights_cleared_on_error():
     model = _model("llama", True, None)
     sw = StepWeights(model)
@@ -152,6 +191,49 @@ def test_clone_linear_ws_row_weight(side):
         cl.clone_linear_ws(x, w_s, row_weight=rw)
 
 
+@pytest.mark.parametrize("side", ["in", "out"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_clone_linear_ws_grad_acc(side, fused):
+    """grad_acc: grad_W_S is added into the buffer (whatever it held), w_s gets none; every
+    other gradient as without it. fp64, the fused op and the reference alike."""
+    torch.manual_seed(7)
+    d_t, d_s, out_t, n = 11, 5, 7, 13
+    w = torch.randn(out_t, d_t, dtype=torch.float64)
+    p = torch.randn(*((d_t, d_s) if side == "in" else (out_t, d_s)), dtype=torch.float64, requires_grad=True)
+    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
+    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
+    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    f = cl.clone_linear_ws if fused else cl.clone_linear_ws_reference
+    res = []
+    for acc in (None, torch.randn(w_s.shape, dtype=torch.float64)):
+        start = acc.clone() if acc is not None else None
+        y, mse = f(x, w_s, None, tgt, p, side, grad_acc=acc)
+        (y.square().sum() + 3 * mse).backward()
+        gw = w_s.grad if acc is None else acc - start
+        if acc is not None:
+            assert w_s.grad is None
+        res.append([gw.clone(), x.grad.clone()] + ([p.grad.clone()] if side == "out" else []))
+        x.grad = w_s.grad = p.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+
+
+def test_clone_linear_ws_grad_acc_bf16_into_fp32():
+    """bf16 inputs beside an fp32 buffer (autocast over fp32 masters): the buffer gets the bf16
+    product, as autograd would have added it to an fp32 leaf."""
+    torch.manual_seed(8)
+    x = torch.randn(9, 6, dtype=torch.bfloat16, requires_grad=True)
+    w_s = torch.randn(5, 6, dtype=torch.bfloat16, requires_grad=True)
+    acc = torch.zeros(5, 6)
+    y, _ = cl.clone_linear_ws(x, w_s, grad_acc=acc)
+    y.sum().backward()
+    torch.testing.assert_close(acc, (torch.ones(9, 5, dtype=torch.bfloat16).t() @ x.detach()).float(), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="grad_acc"):
+        cl.clone_linear_ws(x, w_s, grad_acc=torch.zeros(6, 5))
+    with pytest.raises(ValueError, match="grad_acc"):
+        cl.clone_linear_ws(x, w_s, grad_acc=torch.zeros(5, 6, dtype=torch.int64))
+
+
 def test_clone_linear_ws_bad_input():
     x, w = torch.randn(3, 4), torch.randn(5, 6)
     with pytest.raises(ValueError, match="last dimension 6"):
@@ -182,6 +264,33 @@ def test_distill_head_ws_matches_reference(up):
         dh.distill_head_ws(h_s, h_t, w_t, w_s[:, :3], labels)
 
 
+@pytest.mark.parametrize("up", [(1.0, 1.0), (0.7, 1.9), (None, 0.5), (0.25, None)])
+@pytest.mark.parametrize("fused", [True, False])
+def test_distill_head_ws_grad_acc(up, fused):
+    """grad_acc: the upstream-scaled grad W_head_S is added into the buffer, w_head_s gets none."""
+    torch.manual_seed(9)
+    n, d_t, d_s, v = 8, 6, 3, 23
+    h_s = torch.randn(n, d_s, dtype=torch.float64, requires_grad=True)
+    h_t, w_t = torch.randn(n, d_t, dtype=torch.float64), torch.randn(v, d_t, dtype=torch.float64)
+    w_s = torch.randn(v, d_s, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, v, (n,))
+    labels[5] = -100
+    f = dh.distill_head_ws if fused else dh.distill_head_ws_reference
+    res = []
+    for acc in (None, torch.randn(v, d_s, dtype=torch.float64)):
+        start = acc.clone() if acc is not None else None
+        lm, kl = f(h_s, h_t, w_t, w_s, labels, tau=2.0, batch_size=2, grad_acc=acc)
+        sum(u * t for u, t in zip(up, (lm, kl)) if u is not None).backward()
+        if acc is not None:
+            assert w_s.grad is None
+        res.append((w_s.grad.clone() if acc is None else acc - start, h_s.grad.clone()))
+        h_s.grad = w_s.grad = None
+    for a, r in zip(*res):
+        torch.testing.assert_close(a, r, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="grad_acc"):
+        dh.distill_head_ws(h_s, h_t, w_t, w_s, labels, grad_acc=torch.zeros(v, d_s + 1, dtype=torch.float64))
+
+
 def test_distill_head_ws_known_count_is_the_count():
     torch.manual_seed(4)
     h_s = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
@@ -206,6 +315,13 @@ def test_ws_ops_opcheck(side):
     tgt = torch.randn(6, 7 if side == "out" else 4)
     p = torch.randn(7, 4, requires_grad=True) if side == "out" else None
     torch.library.opcheck(torch.ops.lrc_ext.clone_linear_ws.default, (x, w_s, None, tgt, p, side == "out", side == "out"))
+    # the backward with a buffer: it mutates grad_acc (declared) and nothing else
+    y, _, d, g_t = torch.ops.lrc_ext.clone_linear_ws(x, w_s, None, tgt, p, side == "out", side == "out")
+    needs = [True, True, False, False, side == "out"]
+    torch.library.opcheck(torch.ops.lrc_ext.clone_linear_ws_backward.default,
+                          (torch.randn_like(y), torch.tensor(0.7), x.detach(), w_s.detach(),
+                           p.detach() if p is not None else None, d.detach(), g_t.detach(), side == "out", needs,
+                           torch.randn(w_s.shape)))
     h_s, h_t, w_t = torch.randn(5, 3, requires_grad=True), torch.randn(5, 4), torch.randn(9, 4)
     w_h = torch.randn(9, 3, requires_grad=True)
     labels = torch.randint(0, 9, (5,))

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from . import _cutlass
+from . import _cutlass, _grad_acc
 
 _OP = "clone_linear"
 SIDES = ("in", "out")
@@ -465,11 +465,13 @@ def clone_linear(x: Tensor, weight: Tensor, proj: Tensor, bias: Tensor | None = 
 # is returned for P.
 
 def clone_linear_ws_reference(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
-                              proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+                              proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None,
+                              grad_acc: Tensor | None = None):
     """Plain PyTorch, W_S given (out_S, in_S); proj only for the output side's target @ P;
-    row_weight as in :func:`clone_linear_reference`."""
+    row_weight as in :func:`clone_linear_reference`; grad_acc: grad_W_S is added into it
+    (ops/_grad_acc.py)."""
     side_out = side_is_out(side)
-    y = torch.nn.functional.linear(x, w_s, bias)
+    y = torch.nn.functional.linear(x, _grad_acc.into(w_s, grad_acc), bias)
     if target is None:
         return y, None
     d = (y - (target @ proj if side_out else target)).float()
@@ -507,12 +509,14 @@ def _validate_ws(x, w_s, bias, target, proj, side_out: bool):
 @torch.library.custom_op("lrc_ext::clone_linear_ws", mutates_args=())
 def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: Optional[Tensor],
                         proj: Optional[Tensor], side_out: bool, target_proj_grad: bool,
-                        row_weight: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        row_weight: Optional[Tensor] = None,
+                        grad_acc: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(y, mse, d, G_t) as the clone_linear op, W_S given. Always the cuBLAS GEMM + epilogue
     kernel: the CUTLASS sm90 path fuses the W_S formation it would skip here, so it is not
-    taken (a W_S-given CUTLASS variant is not written)."""
+    taken (a W_S-given CUTLASS variant is not written). grad_acc: read by the backward only."""
     _validate_ws(x, w_s, bias, target, proj, side_out)
     _check_row_weight(row_weight, x, target)
+    _grad_acc.check(_OP, grad_acc, w_s, "w_s")
     with _no_autocast(x):
         y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
         empty = x.new_empty(0)
@@ -530,7 +534,7 @@ def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: 
 
 
 @_clone_linear_ws_op.register_fake
-def _(x, w_s, bias, target, proj, side_out, target_proj_grad, row_weight=None):
+def _(x, w_s, bias, target, proj, side_out, target_proj_grad, row_weight=None, grad_acc=None):
     y = x.new_empty((x.shape[0], w_s.shape[0]))
     mse = x.new_empty((), dtype=_ext.acc_dtype(x.dtype))
     d = x.new_empty(tuple(y.shape)) if target is not None else x.new_empty(0)
@@ -540,7 +544,7 @@ def _(x, w_s, bias, target, proj, side_out, target_proj_grad, row_weight=None):
 
 
 def _setup_ws(ctx, inputs, output):
-    x, w_s, bias, target, proj, side_out, _, row_weight = inputs
+    x, w_s, bias, target, proj, side_out, _, row_weight, grad_acc = inputs
     _, mse, d, g_t = output
     # weighted rows: grad_mse scaled by N / sum(w), as in _setup
     mse_scale = (x.shape[0] / _wsum(row_weight, mse.dtype) if row_weight is not None and target is not None
@@ -548,6 +552,8 @@ def _setup_ws(ctx, inputs, output):
     ctx.save_for_backward(x, w_s, proj, d, g_t, mse_scale)
     ctx.set_materialize_grads(False)
     ctx.side_out, ctx.has_target = side_out, target is not None
+    # not saved: the backward writes into it, which would trip the saved-tensor version check
+    ctx.grad_acc = grad_acc
 
 
 def _backward_ws(ctx, grad_y, grad_mse, _g_d, _g_gt):
@@ -560,15 +566,21 @@ def _backward_ws(ctx, grad_y, grad_mse, _g_d, _g_gt):
     if ctx.side_out and needs[4] and grad_mse is not None and g_t.numel() == 0:
         raise RuntimeError(f"lrc_ext.{_OP}: proj needs a gradient but the forward ran with target_proj_grad=False; "
                            f"call lrc_ext.ops.clone_linear_ws(), which sets it")
-    grads = torch.ops.lrc_ext.clone_linear_ws_backward(grad_y, grad_mse, x, w_s, proj, d, g_t, ctx.side_out, needs)
-    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None)
+    acc = ctx.grad_acc if needs[1] else None
+    grads = torch.ops.lrc_ext.clone_linear_ws_backward(grad_y, grad_mse, x, w_s, proj, d, g_t, ctx.side_out, needs,
+                                                       acc)
+    if acc is not None:
+        needs[1] = False  # grad_W_S went into grad_acc
+    return tuple(g if need else None for g, need in zip(grads, needs)) + (None, None, None, None)
 
 
-@torch.library.custom_op("lrc_ext::clone_linear_ws_backward", mutates_args=())
+@torch.library.custom_op("lrc_ext::clone_linear_ws_backward", mutates_args=("grad_acc",))
 def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tensor], x: Tensor, w_s: Tensor,
                                  proj: Optional[Tensor], d: Tensor, g_t: Tensor, side_out: bool,
-                                 needs: list[bool]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients (x, w_s, bias, target, proj); empty tensors for those not in needs."""
+                                 needs: list[bool], grad_acc: Optional[Tensor] = None
+                                 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients (x, w_s, bias, target, proj); empty tensors for those not in needs. grad_acc
+    given: grad_W_S is added into it (its slot in the result is then empty)."""
     need_x, need_w, need_b, need_t, need_p = needs
     use_mse = grad_mse is not None and d.numel() > 0
     n, out_s = x.shape[0], w_s.shape[0]
@@ -579,7 +591,11 @@ def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Te
             grad_y = grad_y.contiguous()
         g = _merge(grad_y, d, grad_mse, k) if use_mse else (grad_y if grad_y is not None else x.new_zeros(n, out_s))
         gx = torch.mm(g, w_s) if need_x else empty
-        gw = torch.mm(g.t(), x) if need_w else empty.clone()
+        gw = empty.clone()
+        if need_w and grad_acc is not None:
+            _grad_acc.addmm_(grad_acc, g.t(), x)
+        elif need_w:
+            gw = torch.mm(g.t(), x)
         gb = g.sum(0) if need_b else empty.clone()
         gt, gp = empty.clone(), empty.clone()
         s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k) if use_mse else None
@@ -592,13 +608,14 @@ def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Te
 
 
 @_clone_linear_ws_backward_op.register_fake
-def _(grad_y, grad_mse, x, w_s, proj, d, g_t, side_out, needs):
+def _(grad_y, grad_mse, x, w_s, proj, d, g_t, side_out, needs, grad_acc=None):
     need_x, need_w, need_b, need_t, need_p = needs
     n, out_s = x.shape[0], w_s.shape[0]
 
     def maybe(need, shape):
         return x.new_empty(shape) if need else x.new_empty(0)
-    return (maybe(need_x, tuple(x.shape)), maybe(need_w, tuple(w_s.shape)), maybe(need_b, (out_s,)),
+    return (maybe(need_x, tuple(x.shape)), maybe(need_w and grad_acc is None, tuple(w_s.shape)),
+            maybe(need_b, (out_s,)),
             maybe(need_t, (n, proj.shape[0] if side_out else out_s)),
             maybe(need_p, tuple(proj.shape) if proj is not None else (0,)))
 
@@ -607,13 +624,15 @@ _clone_linear_ws_op.register_autograd(_backward_ws, setup_context=_setup_ws)
 
 
 def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: Tensor | None = None,
-                    proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None):
+                    proj: Tensor | None = None, side: str = "in", row_weight: Tensor | None = None,
+                    grad_acc: Tensor | None = None):
     """Fused clone linear with W_S given; same contract as :func:`clone_linear_ws_reference`.
     Gradients flow to x and w_s (and to bias / target when they require grad); on the output
     side to proj through the target's ``target @ proj`` only. ``row_weight`` as in
-    :func:`clone_linear`."""
-    _ext.check_tensors(_OP, ("bias", "target", "proj", "row_weight"), x=x, w_s=w_s, bias=bias, target=target,
-                       proj=proj, row_weight=row_weight)
+    :func:`clone_linear`. ``grad_acc`` (w_s's shape, floating): grad_W_S is added into it in
+    place and w_s gets none (ops/_grad_acc.py); never cast by autocast."""
+    _ext.check_tensors(_OP, ("bias", "target", "proj", "row_weight", "grad_acc"), x=x, w_s=w_s, bias=bias,
+                       target=target, proj=proj, row_weight=row_weight, grad_acc=grad_acc)
     side_out = side_is_out(side)
     _check_row_weight_shape(row_weight, x, target)
     if target is not None and (target.dim() < 1 or target.shape[:-1] != x.shape[:-1]):
@@ -627,5 +646,5 @@ def clone_linear_ws(x: Tensor, w_s: Tensor, bias: Tensor | None = None, target: 
                and torch.is_grad_enabled())
     w2 = row_weight.detach().reshape(-1).to(torch.float32) if row_weight is not None else None
     y, mse, _d, _g_t = torch.ops.lrc_ext.clone_linear_ws(x2, w_s, bias, t2, proj if side_out else None, side_out, tpg,
-                                                         w2)
+                                                         w2, grad_acc)
     return y.view(*lead, y.shape[-1]), (mse if target is not None else None)

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
+from . import _grad_acc
 
 _OP = "distill_head"
 IGNORE_INDEX = -100
@@ -611,18 +612,21 @@ def distill_head(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, p_head: Tensor, lab
 # fp32); the caller forms grad P_head = W_head_T.T @ grad W_head_S once, at the step's end.
 
 def distill_head_ws_reference(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor,
-                              n_valid: int | None = None, **kw):
-    """Plain PyTorch, W_head_S given: :func:`distill_head_reference` on it (n_valid unused)."""
-    return distill_head_reference(h_s, h_t, w_head_t, None, labels, w_head_s=w_head_s, **kw)
+                              n_valid: int | None = None, grad_acc: Tensor | None = None, **kw):
+    """Plain PyTorch, W_head_S given: :func:`distill_head_reference` on it (n_valid unused;
+    grad_acc: grad W_head_S is added into it, ops/_grad_acc.py)."""
+    return distill_head_reference(h_s, h_t, w_head_t, None, labels, w_head_s=_grad_acc.into(w_head_s, grad_acc), **kw)
 
 
 @torch.library.custom_op("lrc_ext::distill_head_ws", mutates_args=())
 def _distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, tau: float,
                      lm_weight: float, kl_weight: float, kl_reduction: str, batch_size: int | None,
-                     tau_squared: bool, chunk_size: int, need_grad_h: bool, need_grad_w: bool, n_valid: int
-                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(lm, kl, grad_h, grad_w_head_s) of lm + kl, as lrc_ext::distill_head with W_head_S given."""
+                     tau_squared: bool, chunk_size: int, need_grad_h: bool, need_grad_w: bool, n_valid: int,
+                     grad_acc: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(lm, kl, grad_h, grad_w_head_s) of lm + kl, as lrc_ext::distill_head with W_head_S given.
+    grad_acc: read by the backward only, which adds the upstream-scaled grad W_head_S into it."""
     _check_ws(h_s, h_t, w_head_t, w_head_s, labels)
+    _grad_acc.check(_OP, grad_acc, w_head_s, "w_head_s")
     return _compute(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size,
                     tau_squared, chunk_size, need_grad_h, need_grad_w, w_s=w_head_s, n_valid=n_valid)
 
@@ -639,7 +643,7 @@ def _check_ws(h_s, h_t, w_head_t, w_head_s, labels):
 
 @_distill_head_ws.register_fake
 def _(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
-      chunk_size, need_grad_h, need_grad_w, n_valid):
+      chunk_size, need_grad_h, need_grad_w, n_valid, grad_acc=None):
     acc = _ext.acc_dtype(h_s.dtype)
     return (h_s.new_empty((), dtype=acc), h_s.new_empty((), dtype=acc),
             h_s.new_empty(tuple(h_s.shape) if need_grad_h else (0,), dtype=acc),
@@ -648,9 +652,10 @@ def _(h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduct
 
 def _setup_ws(ctx, inputs, output):
     (h_s, h_t, w_head_t, w_head_s, labels, tau, lm_weight, kl_weight, kl_reduction, batch_size, tau_squared,
-     chunk_size, need_h, need_w, n_valid) = inputs
+     chunk_size, need_h, need_w, n_valid, grad_acc) = inputs
     _, _, g_h, g_w = output
     ctx.n_valid = n_valid
+    ctx.grad_acc = grad_acc  # not saved: the backward writes into it (no version check)
     ctx.both, ctx.lm_only = lm_weight != 0.0 and kl_weight != 0.0, kl_weight == 0.0
     ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w = lm_weight, chunk_size, need_h, need_w
     ctx.h_dtype, ctx.w_dtype = h_s.dtype, w_head_s.dtype
@@ -664,19 +669,25 @@ def _backward_ws(ctx, grad_lm, grad_kl, _grad_gh, _grad_gw):
     if grad_lm is None or grad_kl is None:  # a loss term the caller did not use: upstream 0
         grad_lm = torch.zeros_like(grad_kl) if grad_lm is None else grad_lm
         grad_kl = torch.zeros_like(grad_lm) if grad_kl is None else grad_kl
-    if not ctx.both:
-        up = (grad_lm if ctx.lm_only else grad_kl).to(g_h.dtype)
-        gh, gw = _scaled(g_h, up, ctx.h_dtype), _scaled(g_w, up, ctx.w_dtype)
-    elif _same_upstream(grad_lm, grad_kl):  # the usual loss = lm + kl + ...: a scaling, no host sync
-        up = grad_lm.to(g_h.dtype)
-        gh, gw = _scaled(g_h, up, ctx.h_dtype), _scaled(g_w, up, ctx.w_dtype)
+    acc = ctx.grad_acc if ctx.need_w else None
+    if not ctx.both or _same_upstream(grad_lm, grad_kl):  # (the usual loss = lm + kl + ...): a scaling
+        up = (grad_kl if not ctx.both and not ctx.lm_only else grad_lm).to(g_h.dtype)
+        gh = _scaled(g_h, up, ctx.h_dtype)
+        if acc is not None:  # acc += up * g_w in one pass: no V x d_S temporary
+            acc.addcmul_(g_w, up.to(acc.dtype))
+            gw = None
+        else:
+            gw = _scaled(g_w, up, ctx.w_dtype)
     else:
         h_s, w_head_t, w_head_s, labels = ctx.saved_tensors[2:]
         gh, gw = torch.ops.lrc_ext.distill_head_ws_backward(grad_lm, grad_kl, g_h, g_w, h_s, w_head_t, w_head_s, labels,
                                                             ctx.lm_weight, ctx.chunk_size, ctx.need_h, ctx.need_w,
                                                             ctx.n_valid)
+        if acc is not None:
+            acc.add_(gw)
+            gw = None
     return (gh if ctx.need_h else None, None, None, gw if ctx.need_w else None,
-            None, None, None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None, None, None)
 
 
 @torch.library.custom_op("lrc_ext::distill_head_ws_backward", mutates_args=())
@@ -709,12 +720,15 @@ _distill_head_ws.register_autograd(_backward_ws, setup_context=_setup_ws)
 def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor, labels: Tensor, *,
                     tau: float = 40.0, lm_weight: float = 1.0, kl_weight: float = 1.0,
                     kl_reduction: str = "batchmean", batch_size: int | None = None, tau_squared: bool = False,
-                    chunk_size: int | None = None, n_valid: int | None = None):
+                    chunk_size: int | None = None, n_valid: int | None = None, grad_acc: Tensor | None = None):
     """:func:`distill_head` with W_head_S (V, d_S) given instead of P_head: differentiable
     w.r.t. h_s and w_head_s. The KL runs over every row, the CE over the labelled ones.
     ``n_valid``: the number of labelled rows (labels not -100, not all rows), when the caller
-    knows it and has checked their range (then no count and no host sync)."""
-    _ext.check_tensors(_OP, h_s=h_s, h_t=h_t, w_head_t=w_head_t, w_head_s=w_head_s, labels=labels)
+    knows it and has checked their range (then no count and no host sync). ``grad_acc``
+    (w_head_s's shape, floating): grad W_head_S is added into it in place and w_head_s gets
+    none (ops/_grad_acc.py)."""
+    _ext.check_tensors(_OP, ("grad_acc",), h_s=h_s, h_t=h_t, w_head_t=w_head_t, w_head_s=w_head_s, labels=labels,
+                       grad_acc=grad_acc)
     check_options(tau=tau, lm_weight=lm_weight, kl_weight=kl_weight, kl_reduction=kl_reduction,
                   batch_size=batch_size, chunk_size=chunk_size)
     grad_on = torch.is_grad_enabled()
@@ -722,5 +736,5 @@ def distill_head_ws(h_s: Tensor, h_t: Tensor, w_head_t: Tensor, w_head_s: Tensor
                                                      float(lm_weight), float(kl_weight), kl_reduction, batch_size,
                                                      bool(tau_squared), int(chunk_size or 0),
                                                      grad_on and h_s.requires_grad, grad_on and w_head_s.requires_grad,
-                                                     -1 if n_valid is None else int(n_valid))
+                                                     -1 if n_valid is None else int(n_valid), grad_acc)
     return lm, kl
