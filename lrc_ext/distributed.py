@@ -40,7 +40,8 @@ The student weights ``W_S = W_T @ P`` of a layer live only while its pair is gat
 clone linears run with ``recompute_ws`` under FSDP2, so the forward keeps no W_S for the
 backward, which forms it again from the regathered W_T (one more GEMM a linear; kept, the
 W_S of every layer would stay unsharded from its forward to its backward: the whole student,
-unsharded, on every rank). At any time one pair is unsharded (plus FSDP2's prefetch of the next one). The root group
+unsharded, on every rank). At any time one pair is unsharded (plus FSDP2's prefetch of the
+next one). The root group
 (the teacher's LM head and final norm, which the distillation head needs in the backward
 too, the student's P_emb / P_head / final norm) stays unsharded through a step, as FSDP2 does
 for roots. An untied teacher embedding is a group of its own, gathered only for the token

@@ -121,17 +121,22 @@ def test_step_weights_cleared_on_error():
     assert model.layers[0].q.step_ws is None and model.step_emb is None
 
 
-@pytest.mark.parametrize("side", ["in", "out"])
-def test_clone_linear_ws_matches_reference(side):
-    torch.manual_seed(2)
-    d_t, d_s, out_t, n = 12, 5, 7, 6
+def _ws_case(side, seed, d_t, d_s, out_t, n):
+    """fp64 (W_T, P, W_S leaf, x, target) for one clone linear on ``side``."""
+    torch.manual_seed(seed)
     w = torch.randn(out_t, d_t, dtype=torch.float64)
     shape = (d_t, d_s) if side == "in" else (out_t, d_s)
     p = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
     x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
     tgt = torch.randn(n, out_t, dtype=torch.float64)
-    b = torch.randn(out_t, dtype=torch.float64) if side == "in" else None
+    return w, p, w_s, x, tgt
+
+
+@pytest.mark.parametrize("side", ["in", "out"])
+def test_clone_linear_ws_matches_reference(side):
+    w, p, w_s, x, tgt = _ws_case(side, 2, 12, 5, 7, 6)
+    b = torch.randn(w.shape[0], dtype=torch.float64) if side == "in" else None
     def exact(x_, w_, b_, t_, p_, side_):  # the reference in fp64 throughout (it returns an fp32 MSE)
         y = torch.nn.functional.linear(x_, w_, b_)
         d = y - (t_ @ p_ if side_ == "out" else t_)
@@ -155,13 +160,8 @@ def test_clone_linear_ws_matches_reference(side):
 def test_clone_linear_ws_row_weight(side):
     """row_weight (clone_exclude's 0/1 rows, or any non-negative weights): the weighted MSE of
     the reference, and its gradients, from plain fp64 torch."""
-    torch.manual_seed(6)
-    d_t, d_s, out_t, n = 10, 4, 6, 7
-    w = torch.randn(out_t, d_t, dtype=torch.float64)
-    p = torch.randn(*((d_t, d_s) if side == "in" else (out_t, d_s)), dtype=torch.float64, requires_grad=True)
-    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
-    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
-    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    n = 7
+    w, p, w_s, x, tgt = _ws_case(side, 6, 10, 4, 6, n)
     rw = torch.tensor([0.0, 1, 1, 0, 2.5, 1, 0.5])
 
     def exact(x_, w_, t_, p_):
@@ -196,13 +196,7 @@ def test_clone_linear_ws_row_weight(side):
 def test_clone_linear_ws_grad_acc(side, fused):
     """grad_acc: grad_W_S is added into the buffer (whatever it held), w_s gets none; every
     other gradient as without it. fp64, the fused op and the reference alike."""
-    torch.manual_seed(7)
-    d_t, d_s, out_t, n = 11, 5, 7, 13
-    w = torch.randn(out_t, d_t, dtype=torch.float64)
-    p = torch.randn(*((d_t, d_s) if side == "in" else (out_t, d_s)), dtype=torch.float64, requires_grad=True)
-    w_s = (w @ p if side == "in" else p.t() @ w).detach().requires_grad_()
-    x = torch.randn(n, w_s.shape[1], dtype=torch.float64, requires_grad=True)
-    tgt = torch.randn(n, out_t, dtype=torch.float64)
+    w, p, w_s, x, tgt = _ws_case(side, 7, 11, 5, 7, 13)
     f = cl.clone_linear_ws if fused else cl.clone_linear_ws_reference
     res = []
     for acc in (None, torch.randn(w_s.shape, dtype=torch.float64)):
