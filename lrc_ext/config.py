@@ -109,7 +109,14 @@ class TrainConfig:
     use_kl: bool = _f(True, "the logit KL term")
     use_clone: bool = _f(True, "the activation-clone term")
     reference: bool = _f(False, "use the unfused pure-PyTorch path instead of the fused kernels")
+    activation_checkpointing: bool = _f(False, "keep only each layer's inputs for the backward, which runs the "
+                                        "teacher's and the student's layer again: one layer's activations held "
+                                        "instead of all of them, for about one more forward of both a step")
     # runtime
+    host_trim: str = _f("auto", "return freed host memory to the OS after each layer's forward and before its "
+                        "backward (glibc malloc_trim): auto (on under --parallel fsdp on the CPU, where the step's "
+                        "memory is the host's), on (any CPU run), off. Lower peak RSS, slower steps: the pages "
+                        "come back through page faults (measured: ~25% longer CPU FSDP steps)")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = _f("auto", "compute dtype: auto (bf16 autocast, fp32 master weights, on GPU and on CPUs with a native "
                          "bf16 matmul flag whose bf16 matmul measures >= 1.1x fp32's rate at startup; float32 "
@@ -170,6 +177,7 @@ PAPER_RECIPE = {"init": "normal", "calibration_generated": 0, "head": "auto", "l
                 "alpha": 0.5, "clone_norm": "none", "clone_exclude": "none"}
 RECIPES = ("lrc_ext", "paper")
 LR_SCHEDULES = ("linear", "constant")
+HOST_TRIMS = ("auto", "on", "off")
 CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
 
 
@@ -304,6 +312,7 @@ def validate(cfg: TrainConfig):
     need(math.isfinite(cfg.lr) and cfg.lr > 0, f"--lr must be > 0, got {cfg.lr}")
     need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be linear or constant, got {cfg.lr_schedule!r}")
+    need(cfg.host_trim in HOST_TRIMS, f"--host-trim must be auto, on or off, got {cfg.host_trim!r}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")

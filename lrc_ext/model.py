@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from . import families as fam
@@ -67,10 +68,17 @@ class StudentLayer(nn.Module):
         for n in layout.norms:
             setattr(self, n, _student_norm(getattr(t_layer, n), d_s, dtype))
 
+    # True: the pair's activations are not kept for the backward, which runs the pair again
+    # (activation checkpointing; LowRankClone.activation_checkpointing sets it)
+    checkpointed = False
+
     def forward(self, step, *args):
         """``step(*args)``: one lockstep layer (the teacher's layer, then this one), run as this
         module's call so that module hooks frame the pair; under FSDP2 they gather and free the
-        pair's weights, the teacher layer's included (lrc_ext/distributed.py). Nothing else."""
+        pair's weights, the teacher layer's included (lrc_ext/distributed.py). Checkpointed, the
+        backward runs ``step`` again inside those hooks (the pair gathered for it)."""
+        if self.checkpointed and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(step, *args, use_reentrant=False)
         return step(*args)
 
 
@@ -110,7 +118,7 @@ class LayerWalk:
     Holds what every layer shares: the layout (the student works on the valid rows only, N of
     B * S; ``pick`` gathers them, ``unpick`` scatters them back, padding 0, for attention), the
     teacher's embeddings ``e_t`` (its layer-0 input), causal masks and RoPE by layer type
-    (``mask(tl)``, ``cos_sin(tl)``: Gemma-3 and Phi-3 have sliding-window layers). ``step`` is
+    (``mask(tl)``, ``cos_sin(tl)``: Gemma-3 and Phi-3 have sliding-window layers). ``pair`` is
     one lockstep layer. Used by ``LowRankClone.forward`` and by the pca init (lrc_ext/init.py).
     """
 
@@ -154,19 +162,25 @@ class LayerWalk:
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 
     def step(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds, clone: dict):
-        """The teacher's layer (no grad, the outputs of its linears of ``kinds`` captured as
-        clone targets; skipped when ``kinds`` is None), then the student's, adding its clone
-        MSEs into ``clone``. Returns (x_s, x_t)."""
-        tgt = None
+        """``pair``, adding the layer's clone MSEs into ``clone``. Returns (x_s, x_t)."""
         self.layer += 1
+        x_s, x_t, mine = self.pair(sl, tl, x_s, x_t, kinds)
+        self.model._add_clone(clone, mine, self.layer)
+        return x_s, x_t
+
+    def pair(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds):
+        """The teacher's layer (no grad, the outputs of its linears of ``kinds`` captured as
+        clone targets; skipped when ``kinds`` is None), then the student's. Returns (x_s, x_t,
+        the layer's clone MSEs by kind). A function of its arguments only (walk state aside,
+        which it sets the same way each time), so that a checkpointed pair can run again."""
+        tgt = None
         if kinds is not None:
             self.row_weight = self.model._clone_rows(self, x_t) if kinds else None
             with _capture(tl, kinds, self.model.layout) as tgt:
                 x_t = self.teacher_layer(tl, x_t)
-        mine = {}  # this layer's terms, added into clone as the clone_norm says
+        mine = {}
         x_s = self.model._student_layer(self, sl, tl, x_s, tgt, mine)
-        self.model._add_clone(clone, mine, self.layer)
-        return x_s, x_t
+        return x_s, x_t, mine
 
 
 class LowRankClone(nn.Module):
@@ -279,6 +293,18 @@ class LowRankClone(nn.Module):
             self.measure_clone_scales_(calibration, calibration_attention_mask)
 
     # ---- public helpers -------------------------------------------------------------------
+    @property
+    def activation_checkpointing(self) -> bool:
+        """True: each lockstep layer keeps only its inputs for the backward, which runs the layer
+        pair (teacher and student) again: the saved activations of one layer instead of all of
+        them, for about one more forward of both models a step."""
+        return all(sl.checkpointed for sl in self.layers)
+
+    @activation_checkpointing.setter
+    def activation_checkpointing(self, on: bool):
+        for sl in self.layers:
+            sl.checkpointed = bool(on)
+
     @property
     def head_proj(self) -> nn.Parameter:
         return self.p_emb if self.p_head is None else self.p_head
@@ -435,10 +461,11 @@ class LowRankClone(nn.Module):
         clone = {k: torch.zeros((), dtype=torch.float32, device=x_s.device) for k in KINDS}
         need_teacher = with_teacher and (self.use_kl or bool(self.clone_kinds))
         # Only the activations go through sl's call (see StudentLayer.forward): module hooks may
-        # rebuild its arguments, so the clone dict travels in the partial, not as an argument.
-        step = functools.partial(walk.step, kinds=self.clone_kinds if need_teacher else None, clone=clone)
-        for sl, tl in zip(self.layers, self.teacher.model.layers):
-            x_s, x_t = sl(step, sl, tl, x_s, x_t)
+        # rebuild its arguments; the layer's clone terms come back as an output.
+        pair = functools.partial(walk.pair, kinds=self.clone_kinds if need_teacher else None)
+        for i, (sl, tl) in enumerate(zip(self.layers, self.teacher.model.layers)):
+            x_s, x_t, mine = sl(pair, sl, tl, x_s, x_t)
+            self._add_clone(clone, mine, i)
 
         zero = torch.zeros((), dtype=torch.float32, device=x_s.device)
         lm = kl = zero

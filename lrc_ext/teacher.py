@@ -177,11 +177,27 @@ def weight_map(src: Path, spec: str = "") -> dict:
 
 
 @torch.no_grad()
+def load_whole(spec: str, dtype=torch.float32):
+    """``load`` of a whole teacher on the CPU that, from local safetensors, holds at most the
+    teacher in ``dtype`` plus one block of rows as stored: built on the meta device, then
+    filled a block at a time (``load_shards`` on unsharded parameters). from_pretrained instead maps
+    the whole file beside the converted copy: an fp32 file in a bf16 run, 1.5x the teacher in
+    bf16 resident at once. A hub id or a .gguf conversion's fallback: ``load``."""
+    model, tok, src = load(spec, dtype=dtype, meta=True)
+    if model.lrc_meta:
+        rss0 = host_rss()
+        load_shards(model, src, torch.device("cpu"))
+        model.lrc_host_bytes = host_rss() - rss0
+    return model.eval(), tok, src
+
+
+READ_BLOCK_BYTES = 16 << 20  # load_shards reads a tensor's rows in blocks of at most this many bytes
+
+
 def load_shards(teacher: nn.Module, src: str, device: torch.device):
     """Fill a meta-device teacher that FSDP2 has sharded: each parameter's local rows (its
     Shard(0) piece) are read from the safetensors files, so this rank reads and holds only its
     shard; buffers keep their constructed values. Returns the bytes read."""
-    from safetensors import safe_open
     buffers = {n: b.detach().clone() for n, b in teacher.named_buffers()}
     ties = _ties(teacher)
     teacher.to_empty(device=device)
@@ -189,24 +205,89 @@ def load_shards(teacher: nn.Module, src: str, device: torch.device):
         m._parameters[n] = m0._parameters[n0]
     for n, b in teacher.named_buffers():
         b.copy_(buffers[n])
-    files, handles, read = weight_map(Path(src)), {}, 0
-    try:
-        for name, p in teacher.named_parameters():  # a tied weight once, under its first name
-            if name not in files:
-                raise TeacherError(f"--teacher {src}: its safetensors hold no tensor {name!r}")
-            f = handles.get(files[name]) or handles.setdefault(files[name], safe_open(files[name], "pt"))
-            sl = f.get_slice(name)
-            if tuple(sl.get_shape()) != tuple(p.shape):
-                raise TeacherError(f"--teacher {src}: tensor {name} has shape {tuple(sl.get_shape())} in its "
-                                   f"safetensors, the model expects {tuple(p.shape)}")
-            local, start = _local_rows(p)
-            rows = sl[start:start + local.shape[0]]
-            local.copy_(rows.to(local.dtype).view_as(local))
+    files, readers, read = weight_map(Path(src)), {}, 0
+    for name, p in teacher.named_parameters():  # a tied weight once, under its first name
+        if name not in files:
+            raise TeacherError(f"--teacher {src}: its safetensors hold no tensor {name!r}")
+        f = readers.get(files[name]) or readers.setdefault(files[name], SafetensorsRows(files[name], src))
+        shape = f.shape(name)
+        if shape != tuple(p.shape):
+            raise TeacherError(f"--teacher {src}: tensor {name} has shape {shape} in its "
+                               f"safetensors, the model expects {tuple(p.shape)}")
+        local, start = _local_rows(p)
+        per = max(1, READ_BLOCK_BYTES // max(1, f.row_bytes(name)))  # rows a read: a block, not a tensor
+        for r0 in range(0, local.shape[0], per):
+            dst = local[r0:r0 + per]
+            rows = f.rows(name, start + r0, dst.shape[0])
+            dst.copy_(rows.view_as(dst))  # converted into place: no copy in the teacher's dtype first
             read += rows.numel() * rows.element_size()
-    finally:
-        handles.clear()
     teacher.lrc_meta = False
     return read
+
+
+class SafetensorsRows:
+    """Rows of the tensors of one .safetensors file, read with plain file reads. safetensors'
+    own reader maps the file: every page a rank touches stays in its resident set until the
+    file is closed, so reading one rank's rows of every tensor would hold most of the file.
+    Read, the pages stay in the kernel's page cache only, and the process holds one tensor's
+    rows at a time. The format: an 8-byte little-endian header size, a JSON header (dtype,
+    shape, data_offsets of each tensor), then the data."""
+
+    DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+              "BOOL": torch.bool}
+
+    def __init__(self, path: Path, spec: str = ""):
+        self.path, self.spec = Path(path), spec
+        try:
+            with open(self.path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                size = os.fstat(f.fileno()).st_size
+                if not 0 < n <= size - 8:
+                    raise ValueError(f"header size {n} in a file of {size} bytes")
+                self.header = json.loads(f.read(n))
+            self.base, self.size = 8 + n, size
+        except (OSError, ValueError) as e:
+            raise TeacherError(f"--teacher {spec or path}: unreadable safetensors file {self.path.name}: "
+                               f"{one_line(e)}") from None
+
+    def _entry(self, name: str) -> tuple[torch.dtype, tuple, int, int]:
+        e = self.header.get(name)
+        try:
+            dtype, shape, (a, b) = self.DTYPES[e["dtype"]], tuple(int(x) for x in e["shape"]), e["data_offsets"]
+            n = dtype.itemsize
+            for x in shape:
+                n *= x
+            if b - a != n or a < 0:
+                raise ValueError(f"data offsets {a}..{b} hold {b - a} bytes, its shape and dtype {n}")
+        except (KeyError, TypeError, ValueError) as err:
+            raise TeacherError(f"--teacher {self.spec or self.path}: tensor {name} in {self.path.name}: "
+                               f"bad entry {e!r} ({one_line(err)})") from None
+        if self.base + b > self.size:
+            raise TeacherError(f"--teacher {self.spec or self.path}: {self.path.name} ends inside tensor {name} "
+                               f"(truncated? the file has {self.size} bytes, the tensor ends at {self.base + b})")
+        return dtype, shape, self.base + a, n
+
+    def shape(self, name: str) -> tuple:
+        return self._entry(name)[1]
+
+    def row_bytes(self, name: str) -> int:
+        """Bytes of one row (dim 0) of tensor ``name`` as stored."""
+        _, shape, _, nbytes = self._entry(name)
+        return nbytes // shape[0] if shape and shape[0] else nbytes
+
+    def rows(self, name: str, start: int, count: int) -> torch.Tensor:
+        """Rows [start, start + count) of tensor ``name`` (dim 0), in the file's dtype."""
+        dtype, shape, off, nbytes = self._entry(name)
+        row = self.row_bytes(name)
+        count = max(0, min(count, (shape[0] if shape else 1) - start))
+        buf = torch.empty(row * count, dtype=torch.uint8)
+        with open(self.path, "rb") as f:
+            f.seek(off + start * row)
+            if f.readinto(buf.numpy()) != buf.numel():
+                raise TeacherError(f"--teacher {self.spec or self.path}: {self.path.name} ends inside tensor {name}")
+        out = buf.view(dtype)
+        return out.view(count, *shape[1:]) if shape else out.view(())
 
 
 def _ties(model: nn.Module) -> list:

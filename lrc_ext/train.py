@@ -97,6 +97,7 @@ def build_model(cfg: TrainConfig, teacher, tokenizer, data=None, device=None, am
                              clone_exclude=cfg.clone_exclude, tokenizer=tokenizer,
                              tie_head={"auto": None, "tied": True, "untied": False}[cfg.head],
                              param_dtype=torch.float32)
+        model.activation_checkpointing = cfg.activation_checkpointing
         if cal is not None:  # on the training device, not on the host
             model = model.to(device) if device is not None else model
         with amp if amp is not None else contextlib.nullcontext():
@@ -407,6 +408,8 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     rss_grew = teacher.lrc_host_bytes + teacher_mod.host_rss() - rss0  # the teacher and student before wrapping
     meta = getattr(teacher, "lrc_meta", False)  # False when the source had no local safetensors
     net = par.wrap(model, device, find_unused=not (cfg.use_lm or cfg.use_kl))
+    trim = device.type == "cpu" and (cfg.host_trim == "on" or (cfg.host_trim == "auto" and par.mode == "fsdp"))
+    trim = trim and distributed.trim_host_heap_per_layer(model.layers)  # False: no glibc malloc_trim here
     if meta:
         par.load_teacher(model.teacher, src, device)
     trainer = Trainer(cfg, model, data, device=device, amp=amp, par=par, net=net, teacher=teacher,
@@ -417,7 +420,10 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     total, accum, step_tokens = cfg.total_steps(), cfg.accum_steps(), cfg.step_tokens()
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
         f"{total * step_tokens:,} tokens on {device} ({dtype}{' autocast' if dtype == 'bfloat16' else ''}, "
-        f"{dtype_why}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps")
+        f"{dtype_why}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps"
+        + ("; activation checkpointing (each layer pair runs again in the backward)"
+           if cfg.activation_checkpointing else "")
+        + ("; host memory trimmed around each layer (--host-trim off: faster steps, higher RSS)" if trim else ""))
     if par.active:
         b = distributed.param_bytes(model)
         say(f"parallel {par.mode} over {par.world} rank{'s' if par.world > 1 else ''} ({par.backend}), "
@@ -439,7 +445,7 @@ def fit_on_main(cfg: TrainConfig, par, data, device, amp, dtype) -> dict | None:
     from . import teacher as teacher_mod
     state = None
     if par.is_main:
-        whole, tok, _ = teacher_mod.load(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype))
+        whole, tok, _ = teacher_mod.load_whole(cfg.teacher, dtype=teacher_mod.storage_dtype(dtype))
         model = build_model(cfg, whole, tok, data=data, device=device, amp=amp)
         state = {k: v.detach().to("cpu", copy=True) for k, v in model.trainable_state_dict().items()}
         del model, whole
@@ -707,7 +713,7 @@ def finish(t: Trainer) -> int:
         full.update(_student_buffers(model))
         t.net = t.opt = t.params = None
         if par.is_main:
-            teacher, _, _ = teacher_mod.load(t.cfg.teacher, dtype=next(t.teacher.parameters()).dtype)
+            teacher, _, _ = teacher_mod.load_whole(t.cfg.teacher, dtype=next(t.teacher.parameters()).dtype)
             model = build_model(t.cfg, teacher, t.tokenizer)
             model.load_trainable_state_dict(full)
             model = model.to(device)

@@ -328,3 +328,4 @@ def test_fsdp_no_rank_holds_the_whole_teacher_before_wrapping(tiny, tmp_path):
     assert len(grew) == 2 and whole > 60, line  # bf16: 65 MB
     assert all(g < 0.5 * whole for g in grew), line
     assert "peak host RSS per rank up to the end of training" in r.stdout
+    assert "host memory trimmed around each layer" in r.stdout  # --host-trim auto: on for FSDP on the CPU

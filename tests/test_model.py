@@ -532,6 +532,20 @@ def test_bad_inputs():
 
 
 # ---- memory -------------------------------------------------------------------------------------
+def _saved_counter(model):
+    """(pack hook, {storage: bytes}) counting what autograd saves, the model's parameters
+    (the teacher's included) aside."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(x):
+        st = x.untyped_storage()
+        if st.data_ptr() not in params:
+            saved[st.data_ptr()] = st.nbytes()
+        return x
+    return pack, saved
+
+
 def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, ffn=None, heads=4, kv_heads=2,
                    fused=None, device="cpu", dtype=torch.float32):
     """Peak bytes allocated during one forward+backward above what was live before it, and bytes
@@ -546,14 +560,7 @@ def measure_memory(layers, d_t=256, d_s=128, seq=256, batch_size=2, vocab=1024, 
     m = LowRankClone(t, d_s, fused=fused)
     ids = torch.randint(0, vocab, (batch_size, seq), device=device)
     m(ids).loss.backward()
-    params = {p.untyped_storage().data_ptr() for p in m.parameters()}
-    saved = {}
-
-    def pack(x):
-        s = x.untyped_storage()
-        if s.data_ptr() not in params:
-            saved[s.data_ptr()] = s.nbytes()
-        return x
+    pack, saved = _saved_counter(m)
 
     def step():
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
@@ -583,6 +590,45 @@ def test_memory_grows_linearly_with_layers():
         print(f"layers={L}: peak {peak / 2**20:.2f} MiB, saved for backward {saved / 2**20:.2f} MiB")
     step1, step2 = res[2][1] - res[1][1], (res[4][1] - res[2][1]) / 2
     assert abs(step1 - step2) <= 0.05 * step2  # the same bytes per layer: nothing accumulates
+
+
+def _saved_bytes(model, ids, am):
+    """(output, bytes autograd saved for the backward outside any checkpoint, parameters aside)."""
+    pack, saved = _saved_counter(model)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
+        out = model(ids, am)
+    return out, sum(saved.values())
+
+
+@pytest.mark.parametrize("family,tie", [("llama", False), ("gemma3_text", True), ("phi3", False)])
+@pytest.mark.parametrize("fused", [False, None], ids=["reference", "fused"])
+def test_activation_checkpointing_same_losses_and_gradients(family, tie, fused):
+    """Checkpointed layer pairs run again in the backward: the same losses and the same gradients
+    (fp64, padded batch, target-normalised clone terms with both row exclusions), and far less
+    saved for the backward."""
+    teacher = tiny_teacher(family, tie=tie, layers=4, dtype=torch.float64)
+    cal = torch.randint(0, VOCAB, (4, 12), generator=torch.Generator().manual_seed(7))
+    model = LowRankClone(teacher, D_S, fused=fused, clone_norm="target", clone_exclude="first,outliers",
+                         calibration=cal)
+    ids, am = batch()
+    res = {}
+    for ac in (False, True):
+        model.activation_checkpointing = ac
+        assert model.activation_checkpointing is ac
+        model.zero_grad(set_to_none=True)
+        out, saved = _saved_bytes(model, ids, am)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        res[ac] = (out, saved, grads)
+    (o0, s0, g0), (o1, s1, g1) = res[False], res[True]
+    for a, b in [(o0.loss, o1.loss), (o0.lm, o1.lm), (o0.kl, o1.kl)] + [(o0.clone[k], o1.clone[k]) for k in o0.clone]:
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+    assert g0.keys() == g1.keys() and len(g0) == len(list(model.trainable_parameters()))
+    for n in g0:
+        torch.testing.assert_close(g0[n], g1[n], rtol=1e-10, atol=1e-14, msg=n)
+    assert s1 < 0.3 * s0, (s0, s1)  # four layers: what stays is the inputs and the head's
+    with torch.no_grad():  # no grad: nothing to checkpoint, the plain forward
+        torch.testing.assert_close(model(ids, am).loss, o0.loss, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("fused", [False, None])

@@ -268,6 +268,17 @@ LOSS_OPTIONS = {"--clone-norm": "target", "--clone-exclude": "first,outliers", "
                 "--calibration-tokens": 96}
 
 
+def test_activation_checkpointing_and_host_trim_run_is_bit_exact(base_run, tiny, tmp_path):
+    """--activation-checkpointing recomputes each layer pair in the backward, --host-trim on
+    returns freed heap around each layer: on the CPU the same losses, bit for bit, as the run
+    with neither; the plan line names both (a single-process run trims only when asked)."""
+    out = tmp_path / "run"
+    r = ok(cli(*tiny_args(tiny, out), "--activation-checkpointing", "--host-trim", "on"))
+    for what in ("activation checkpointing", "host memory trimmed around each layer"):
+        assert what in r.stdout and what not in base_run[1].stdout, what
+    assert losses(out) == losses(base_run[0])
+
+
 def test_resume_with_loss_options_is_bit_exact(tiny, tmp_path):
     """Every loss switch on; SIGKILL mid-save, --resume: bit for bit the uninterrupted run, with
     the clone scales loaded from the checkpoint (measured once, never again on resume)."""
@@ -410,6 +421,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
         (["--attn-clone-space", "both"], ["--attn-clone-space must be student or teacher"]),
         (["--clone-norm", "layer"], ["--clone-norm must be none or target"]),
         (["--clone-exclude", "last"], ["--clone-exclude must be one of"]),
+        (["--host-trim", "yes"], ["--host-trim must be auto, on or off"]),
         (["--max-tokens", 100], ["--max-steps or --max-tokens, not both"]),
         (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
         (["--seq-len", "abc"], ["invalid int value"]),
