@@ -277,6 +277,22 @@ def test_bench_clone_linear_cutlass_variant_wiring(monkeypatch):
         assert t["clone_linear.cutlass.err_vs_eager"]["value"] == by["cutlass"]["err_vs_eager"]
 
 
+def test_bench_accum_commits_tiny(tmp_path):
+    """bench_accum_commits against HEAD (its extension built, CPU kernels): both workers report,
+    the JSON holds both sides' step times."""
+    from _tiny import tiny_teacher, tiny_tokenizer
+    tiny_teacher("llama", tie=True).save_pretrained(tmp_path / "t")
+    tiny_tokenizer().save_pretrained(tmp_path / "t")
+    r = run([BENCH / "bench_accum_commits.py", "--before", "HEAD", "--teacher", tmp_path / "t", "--micro-batch", "2",
+             "--seq", "8", "--tokens-per-step", "32", "--steps", "2", "--block", "1", "--d-s", "16", "--threads", "1",
+             "--out", tmp_path / "r.json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "speed-up (now / before, median of pairs)" in r.stdout
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert len(res["step_s"]["before"]) == len(res["step_s"]["now"]) == 2
+    assert res["step_weights"] == {"before": "True", "now": "True"}  # HEAD on both sides: today's step
+
+
 def test_bench_accum_tiny(tmp_path):
     """bench_accum on a tiny saved teacher: both paths run, the ratio and the FLOP bound print."""
     from _tiny import tiny_teacher, tiny_tokenizer
