@@ -113,8 +113,11 @@ def build_extension(tree: Path, out: Path):
     one belongs to this tree, and another commit's Python may call it with other arguments."""
     import zipfile
     print(f"building {tree.name}'s extension (CPU kernels only) ...", flush=True)
-    r = subprocess.run([sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "--no-build-isolation", "-q",
-                        "-w", str(out), "-C", "cmake.define.LRC_CUDA=OFF"], capture_output=True, text=True)
+    cmd = [sys.executable, "-m", "pip", "wheel", str(tree), "--no-deps", "-q", "-w", str(out),
+           "-C", "cmake.define.LRC_CUDA=OFF"]
+    r = subprocess.run(cmd + ["--no-build-isolation"], capture_output=True, text=True)
+    if r.returncode and "backend-unavailable" in r.stdout + r.stderr:  # no build tools here: pip fetches them
+        r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode:
         raise SystemExit(f"building the extension of {tree} failed:\n{(r.stdout + r.stderr)[-3000:]}")
     (wheel,) = out.glob("lrc_ext-*.whl")
