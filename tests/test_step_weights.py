@@ -236,15 +236,20 @@ def test_clone_linear_ws_bad_input():
         cl.clone_linear_ws(torch.randn(3, 6), w, target=torch.randn(3, 8), side="out")
 
 
-@pytest.mark.parametrize("up", [(1.0, 1.0), (0.7, 1.9), (1.0, None), (None, 0.5)])
-def test_distill_head_ws_matches_reference(up):
-    torch.manual_seed(3)
-    n, d_t, d_s, v = 9, 8, 4, 30
+def _head_case(seed, n, d_t, d_s, v, ignored):
+    """fp64 (h_s, h_t, W_head_T, W_head_S, labels) for the head ops, the labels at `ignored` ignored."""
+    torch.manual_seed(seed)
     h_s = torch.randn(n, d_s, dtype=torch.float64, requires_grad=True)
     h_t, w_t = torch.randn(n, d_t, dtype=torch.float64), torch.randn(v, d_t, dtype=torch.float64)
     w_s = torch.randn(v, d_s, dtype=torch.float64, requires_grad=True)
     labels = torch.randint(0, v, (n,))
-    labels[2] = -100
+    labels[ignored] = -100
+    return h_s, h_t, w_t, w_s, labels
+
+
+@pytest.mark.parametrize("up", [(1.0, 1.0), (0.7, 1.9), (1.0, None), (None, 0.5)])
+def test_distill_head_ws_matches_reference(up):
+    h_s, h_t, w_t, w_s, labels = _head_case(3, 9, 8, 4, 30, ignored=2)
     res = []
     for f in (dh.distill_head_ws, dh.distill_head_ws_reference):
         lm, kl = f(h_s, h_t, w_t, w_s, labels, tau=2.0, batch_size=3)
@@ -262,13 +267,8 @@ def test_distill_head_ws_matches_reference(up):
 @pytest.mark.parametrize("fused", [True, False])
 def test_distill_head_ws_grad_acc(up, fused):
     """grad_acc: the upstream-scaled grad W_head_S is added into the buffer, w_head_s gets none."""
-    torch.manual_seed(9)
-    n, d_t, d_s, v = 8, 6, 3, 23
-    h_s = torch.randn(n, d_s, dtype=torch.float64, requires_grad=True)
-    h_t, w_t = torch.randn(n, d_t, dtype=torch.float64), torch.randn(v, d_t, dtype=torch.float64)
-    w_s = torch.randn(v, d_s, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, v, (n,))
-    labels[5] = -100
+    h_s, h_t, w_t, w_s, labels = _head_case(9, 8, 6, 3, 23, ignored=5)
+    v, d_s = w_s.shape
     f = dh.distill_head_ws if fused else dh.distill_head_ws_reference
     res = []
     for acc in (None, torch.randn(v, d_s, dtype=torch.float64)):
@@ -286,12 +286,8 @@ def test_distill_head_ws_grad_acc(up, fused):
 
 
 def test_distill_head_ws_known_count_is_the_count():
-    torch.manual_seed(4)
-    h_s = torch.randn(7, 4, dtype=torch.float64, requires_grad=True)
-    h_t, w_t = torch.randn(7, 6, dtype=torch.float64), torch.randn(11, 6, dtype=torch.float64)
-    w_s = torch.randn(11, 4, dtype=torch.float64, requires_grad=True)
-    labels = torch.randint(0, 11, (7,))
-    labels[[1, 4]] = -100  # unlabelled rows: in the KL, not in the CE; n_valid counts the labelled ones
+    # unlabelled rows: in the KL, not in the CE; n_valid counts the labelled ones
+    h_s, h_t, w_t, w_s, labels = _head_case(4, 7, 6, 4, 11, ignored=[1, 4])
     res = []
     for n_valid in (None, 5):
         lm, kl = dh.distill_head_ws(h_s, h_t, w_t, w_s, labels, tau=3.0, n_valid=n_valid)
