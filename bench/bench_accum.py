@@ -5,7 +5,9 @@ survives a machine whose speed drifts:
   --compare steps (default): W_S formed once a step (lrc_ext/step_weights.py) against once a
                              micro-batch (the ops forming their own), both in --dtype;
   --compare dtype:           bf16 autocast (fp32 master weights) against fp32, both with step
-                             weights (what --dtype auto picks on a CPU with native bf16).
+                             weights (what --dtype auto picks on a CPU with native bf16);
+  --compare gemm:            fp32 GEMMs of the linear form on oneDNN against MKL, both fp32 with
+                             step weights (the trainer's --cpu-gemm; lrc_ext/ops/_cpu_gemm.py).
 
     python bench/bench_accum.py [--teacher PATH] [--micro-batch 4] [--seq 128]
                                 [--tokens-per-step 2048] [--steps 4] [--block 2] [--dtype float32|bfloat16]
@@ -27,6 +29,7 @@ import torch
 
 from lrc_ext import config, teacher as teacher_mod
 from lrc_ext.model import LowRankClone
+from lrc_ext.ops import _cpu_gemm
 from lrc_ext.train import Trainer
 from bench_step import Shape, step_flops  # this folder's; run as a script, it is on sys.path
 
@@ -51,10 +54,14 @@ def main(argv=None) -> int:
                          "path pays for its buffers again; training never alternates). 1: A B A B, one warm-up round")
     ap.add_argument("--d-s", type=int, default=config.TrainConfig().student_hidden_size,
                     help="the student's width (default: the trainer's)")
-    ap.add_argument("--compare", choices=("steps", "dtype"), default="steps")
+    ap.add_argument("--compare", choices=("steps", "dtype", "gemm"), default="steps")
     ap.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
                     help="bfloat16: autocast over fp32 master weights, as the trainer does")
     args = ap.parse_args(argv)
+    if args.compare == "gemm" and not _cpu_gemm.onednn_available():
+        ap.error("--compare gemm: this torch has no oneDNN linear op")
+    if args.compare == "gemm" and args.dtype != "float32":
+        ap.error("--compare gemm compares fp32 GEMMs: leave --dtype float32")
     teacher, _, src = teacher_mod.load(args.teacher)
     vocab = teacher.config.vocab_size
     torch.manual_seed(0)
@@ -67,15 +74,19 @@ def main(argv=None) -> int:
     tr = Trainer(cfg, model, _Rows(rows), device=torch.device("cpu"), amp=amp(args.dtype))
     if args.compare == "steps":
         names = {True: "W_S per step", False: "W_S per micro-batch"}
-    else:
+    elif args.compare == "dtype":
         names = {True: "bf16 autocast", False: "fp32"}
+    else:
+        names = {True: "fp32 on oneDNN", False: "fp32 on MKL"}
     times = {True: [], False: []}
     for i in range(args.steps + (args.block == 1)):
         for sw in (True, False):
             if args.compare == "steps":
                 tr.step_weights = sw
-            else:
+            elif args.compare == "dtype":
                 tr.amp = amp("bfloat16" if sw else "float32")
+            else:
+                _cpu_gemm.set_backend("onednn" if sw else "mkl")
             for j in range(args.block):
                 t0 = time.perf_counter()
                 tr.train_step()
@@ -83,7 +94,8 @@ def main(argv=None) -> int:
                     times[sw].append(time.perf_counter() - t0)
     tok = cfg.step_tokens()
     ratio = statistics.median(b / a for a, b in zip(times[True], times[False]))
-    print(f"teacher {src}, d_S {args.d_s}, {args.dtype if args.compare == 'steps' else 'step weights'}, "
+    what = {"steps": args.dtype, "dtype": "step weights", "gemm": "float32, step weights"}[args.compare]
+    print(f"teacher {src}, d_S {args.d_s}, {what}, "
           f"{cfg.accum_steps()} x {args.micro_batch} x {args.seq} "
           f"tokens a step, {torch.get_num_threads()} threads, {args.steps} interleaved turns of {args.block} "
           f"step(s) per path, the last of each timed")

@@ -117,6 +117,9 @@ class TrainConfig:
                         "backward (glibc malloc_trim): auto (on under --parallel fsdp on the CPU, where the step's "
                         "memory is the host's), on (any CPU run), off. Lower peak RSS, slower steps: the pages "
                         "come back through page faults (measured: ~25% longer CPU FSDP steps)")
+    cpu_gemm: str = _f("auto", "library for fp32 CPU matrix products of the linear form (forwards, input "
+                       "gradients, the head's logits): auto (env LRC_CPU_GEMM if set; else onednn on AMD CPUs, "
+                       "where MKL takes a slower path, mkl elsewhere), mkl (torch's default), onednn")
     device: str = _f("auto", "auto (cuda if available, else cpu), cpu, cuda, cuda:N")
     dtype: str = _f("auto", "compute dtype: auto (bf16 autocast, fp32 master weights, on GPU and on CPUs with a native "
                          "bf16 matmul flag whose bf16 matmul measures >= 1.1x fp32's rate at startup; float32 "
@@ -178,6 +181,7 @@ PAPER_RECIPE = {"init": "normal", "calibration_generated": 0, "head": "auto", "l
 RECIPES = ("lrc_ext", "paper")
 LR_SCHEDULES = ("linear", "constant")
 HOST_TRIMS = ("auto", "on", "off")
+CPU_GEMMS = ("auto", "mkl", "onednn")  # lrc_ext.ops._cpu_gemm.BACKENDS
 CLONE_EXCLUDES = ("none", "first", "outliers", "first,outliers")
 
 
@@ -313,6 +317,7 @@ def validate(cfg: TrainConfig):
     need(math.isfinite(cfg.warmup) and cfg.warmup >= 0, f"--warmup must be >= 0, got {cfg.warmup}")
     need(cfg.lr_schedule in LR_SCHEDULES, f"--lr-schedule must be linear or constant, got {cfg.lr_schedule!r}")
     need(cfg.host_trim in HOST_TRIMS, f"--host-trim must be auto, on or off, got {cfg.host_trim!r}")
+    need(cfg.cpu_gemm in CPU_GEMMS, f"--cpu-gemm must be auto, mkl or onednn, got {cfg.cpu_gemm!r}")
     need(cfg.weight_decay >= 0, f"--weight-decay must be >= 0, got {cfg.weight_decay}")
     need(cfg.grad_clip >= 0, f"--grad-clip must be >= 0, got {cfg.grad_clip}")
     need(math.isfinite(cfg.tau) and cfg.tau > 0, f"--tau must be > 0, got {cfg.tau}")

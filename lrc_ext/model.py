@@ -25,6 +25,7 @@ from torch import Tensor, nn
 from . import families as fam
 from . import init as _init
 from .families import KINDS
+from .ops import _cpu_gemm
 from .modules import FusedCloneLinear, resolve_op, student_placement
 from .ops.distill_head import check_options as check_head_options
 
@@ -158,7 +159,8 @@ class LayerWalk:
 
     @torch.no_grad()
     def teacher_layer(self, tl: nn.Module, x_t: Tensor) -> Tensor:
-        out = tl(x_t, attention_mask=self.mask(tl), position_ids=self.pos, position_embeddings=self.cos_sin(tl))
+        with _cpu_gemm.teacher_linears():  # fp32 CPU: its linears on oneDNN where that is faster
+            out = tl(x_t, attention_mask=self.mask(tl), position_ids=self.pos, position_embeddings=self.cos_sin(tl))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 
     def step(self, sl, tl, x_s: Tensor, x_t: Tensor, kinds, clone: dict):

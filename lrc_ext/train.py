@@ -147,6 +147,17 @@ def resolve_device(cfg: TrainConfig):
     return device, dtype, autocast_for(device, dtype), why
 
 
+def cpu_gemm_backend(cfg: TrainConfig, device) -> str:
+    """--cpu-gemm: set the fp32 CPU GEMM backend; what it is and why ('' off the CPU)."""
+    from .ops import _cpu_gemm
+    if cfg.cpu_gemm != "auto":
+        _cpu_gemm.set_backend(cfg.cpu_gemm)
+    try:
+        return _cpu_gemm.describe() if device.type == "cpu" else ""
+    except ValueError as e:  # a bad LRC_CPU_GEMM in the environment
+        raise ConfigError(str(e)) from None
+
+
 def autocast_for(device, dtype: str):
     """The run's compute context: bf16 autocast over fp32 weights, or nothing."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if dtype == "bfloat16" else contextlib.nullcontext()
@@ -373,6 +384,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     from . import teacher as teacher_mod
     global _MAIN
     device, dtype, amp, dtype_why = resolve_device(cfg)
+    gemm = cpu_gemm_backend(cfg, device)
     par = distributed.Parallel(distributed.resolve_mode(cfg.parallel))
     par.init(device.type, cfg.dist_timeout)
     if device.type == "cpu":  # only a CPU's auto choice is measured, so only there can ranks differ
@@ -421,6 +433,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
         f"{total * step_tokens:,} tokens on {device} ({dtype}{' autocast' if dtype == 'bfloat16' else ''}, "
         f"{dtype_why}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps"
+        + (f"; {gemm}" if gemm and dtype == "float32" else "")
         + ("; activation checkpointing (each layer pair runs again in the backward)"
            if cfg.activation_checkpointing else "")
         + ("; host memory trimmed around each layer (--host-trim off: faster steps, higher RSS)" if trim else ""))

@@ -31,3 +31,18 @@ def _store_cache(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LRC_STORE_CACHE", str(tmp_path_factory.mktemp("store_cache")))
         yield
+
+
+@pytest.fixture(params=["mkl", "onednn"])
+def cpu_gemm(request, monkeypatch):
+    """fp32 CPU GEMMs on each backend of lrc_ext.ops._cpu_gemm; "onednn" sends every product
+    of the linear form there (no size threshold), so tiny shapes exercise that path too."""
+    from lrc_ext.ops import _cpu_gemm
+    if request.param == "onednn":
+        if not _cpu_gemm.onednn_available():
+            pytest.skip("this torch has no oneDNN linear op")
+        monkeypatch.setattr(_cpu_gemm, "MIN_MACS", 0)
+    monkeypatch.setattr(_cpu_gemm, "_backend", request.param)
+    _cpu_gemm._resolved.cache_clear()
+    yield request.param
+    _cpu_gemm._resolved.cache_clear()  # the fixture's monkeypatch restores _backend next

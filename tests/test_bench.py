@@ -304,3 +304,29 @@ def test_bench_accum_tiny(tmp_path):
     assert "W_S per step" in r.stdout and "speed-up" in r.stdout
     bound = float(r.stdout.split("the FLOP count allows ")[1].split("x")[0])
     assert bound > 1.0  # accumulation 2: the weight products count half
+
+
+def test_bench_cpu_gemm_quick(tmp_path):
+    """bench_cpu_gemm: both backends time every product; the JSON holds one row a product."""
+    from lrc_ext.ops import _cpu_gemm
+    if not _cpu_gemm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    r = run([BENCH / "bench_cpu_gemm.py", "--quick", "--json", tmp_path / "g.json"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "onednn_speedup" in r.stdout and "fp32 CPU GEMMs on" in r.stdout
+    rows = json.loads((tmp_path / "g.json").read_text())["rows"]
+    assert {x["form"] for x in rows} == {"linear", "grad_x", "grad_w"}
+    assert all(x["mkl_ms"] > 0 and x["onednn_ms"] > 0 and x["rel_err"] < 1e-5 for x in rows)
+
+
+def test_bench_accum_compare_gemm_tiny(tmp_path):
+    from _tiny import tiny_teacher, tiny_tokenizer
+    from lrc_ext.ops import _cpu_gemm
+    if not _cpu_gemm.onednn_available():
+        pytest.skip("this torch has no oneDNN linear op")
+    tiny_teacher("llama", tie=True).save_pretrained(tmp_path / "t")
+    tiny_tokenizer().save_pretrained(tmp_path / "t")
+    r = run([BENCH / "bench_accum.py", "--teacher", tmp_path / "t", "--micro-batch", "2", "--seq", "8",
+             "--tokens-per-step", "32", "--steps", "1", "--block", "1", "--d-s", "16", "--compare", "gemm"])
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "fp32 on oneDNN" in r.stdout and "fp32 on MKL" in r.stdout and "speed-up" in r.stdout

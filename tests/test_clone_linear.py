@@ -233,7 +233,7 @@ def test_row_weight_bad_input():
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("side, bias", CASES)
-def test_fp32_matches_reference(device, side, bias):
+def test_fp32_matches_reference(device, side, bias, cpu_gemm):
     for shape in SHAPES:
         x, w, p, b, t = make(side, *shape, torch.float32, device, bias=bias)
         ours = run(clone_linear, x, w, p, b, t, side, grad_all=True)
@@ -341,7 +341,7 @@ def test_autocast_cpu_bf16(side, bias):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_non_contiguous_inputs(device):
+def test_non_contiguous_inputs(device, cpu_gemm):
     side = "out"
     x, w, p, _, t = make(side, (6, 4), 10, 7, 9, torch.float32, device)
     xt = x.transpose(0, 1).contiguous().transpose(0, 1)        # (6, 4, 9), non-contiguous

@@ -146,7 +146,7 @@ def check_within_reference_error(device, dtype, vocab, n, up, kw, seed=2, d=(32,
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("vocab", VOCABS)
-def test_fp32_within_reference_error(device, vocab):  # "auto" takes the "student" backward for fp32
+def test_fp32_within_reference_error(device, vocab, cpu_gemm):  # "auto" takes the "student" backward for fp32
     check_within_reference_error(device, torch.float32, vocab, 6, (1.0, 1.0),
                                  dict(tau=40.0, batch_size=3, chunk_size=4), seed=1, d=(16, 24))
     check_within_reference_error(device, torch.float32, vocab, 6, (1.5, 0.25),
@@ -271,7 +271,7 @@ def test_large_logits_stable(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_chunking_changes_nothing_but_rounding(device):
+def test_chunking_changes_nothing_but_rounding(device, cpu_gemm):
     x = make(11, 16, 24, 1000, torch.float32, device, ignored=(5,))
     base = run(distill_head, *x, up=(0.7, 1.3), chunk_size=11)
     for chunk in (1, 3, 4, None):

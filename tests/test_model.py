@@ -381,7 +381,7 @@ def test_weights_formed_once_and_embedding_gathered(monkeypatch):
 
 # ---- fused switch -------------------------------------------------------------------------------
 @pytest.mark.parametrize("family,tie", [("llama", True), ("qwen2", False), ("phi3", False)])
-def test_fused_matches_reference(family, tie):
+def test_fused_matches_reference(family, tie, cpu_gemm):
     """Whatever fused=True resolves to (the reference until the fused ops land) agrees."""
     teacher = tiny_teacher(family, tie=tie)
     ref = LowRankClone(teacher, D_S, fused=False)

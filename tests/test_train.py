@@ -149,6 +149,7 @@ def test_run_logs_checkpoints_exports_reloads(base_run, tiny):
     out, r = base_run
     for name in ("config.yaml", "log.jsonl", "loss.png", "checkpoints", "student"):
         assert (out / name).exists(), name
+    assert "fp32 CPU GEMMs on " in r.stdout  # the plan line names the backend and why
     recs = log_records(out)
     assert [x["step"] for x in recs] == list(range(1, 9))
     for x in recs:
@@ -422,6 +423,7 @@ def test_bad_inputs_exit_2_with_one_line(tiny, tmp_path, capsys):
         (["--clone-norm", "layer"], ["--clone-norm must be none or target"]),
         (["--clone-exclude", "last"], ["--clone-exclude must be one of"]),
         (["--host-trim", "yes"], ["--host-trim must be auto, on or off"]),
+        (["--cpu-gemm", "blas"], ["--cpu-gemm must be auto, mkl or onednn"]),
         (["--max-tokens", 100], ["--max-steps or --max-tokens, not both"]),
         (["--bogus-flag"], ["unrecognized arguments: --bogus-flag"]),
         (["--seq-len", "abc"], ["invalid int value"]),

@@ -55,7 +55,7 @@ import torch
 from torch import Tensor
 
 from .. import _ext
-from . import _cutlass, _grad_acc
+from . import _cpu_gemm, _cutlass, _grad_acc
 
 _OP = "clone_linear"
 SIDES = ("in", "out")
@@ -282,12 +282,12 @@ def _clone_linear_op(x: Tensor, weight: Tensor, proj: Tensor, bias: Optional[Ten
             y, d, mse = fused
             g_t = _mm_acc(target.t(), d, _ext.acc_dtype(x.dtype)) if side_out and target_proj_grad else x.new_empty(0)
             return y, mse, w_s, d, g_t
-        y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
+        y = _cpu_gemm.linear(x, w_s, bias)
         empty = x.new_empty(0)
         if target is None:
             return y, x.new_zeros((), dtype=_ext.acc_dtype(x.dtype)), w_s, empty, empty.clone()
         if side_out:
-            d = t = torch.mm(target, proj)  # our temporary: d overwrites it
+            d = t = _cpu_gemm.linear(target, proj.t())  # our temporary: d overwrites it
         else:
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
@@ -371,7 +371,7 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
             g = grad_y
         else:
             g = x.new_zeros((n, out_s))
-        gx = torch.mm(g, w_s) if need_x else empty
+        gx = _cpu_gemm.linear(g, w_s.t()) if need_x else empty
         gws = torch.mm(g.t(), x) if (need_w or need_p) else None
         if need_p:
             if side_out:
@@ -393,7 +393,7 @@ def _clone_linear_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Tenso
         if need_t:
             if use_mse:
                 s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k)
-                gt = (torch.mm(d, proj.t()) if side_out else d) * s
+                gt = (_cpu_gemm.linear(d, proj) if side_out else d) * s
                 gt = gt.to(d.dtype)
             else:
                 gt = x.new_zeros((n, proj.shape[0] if side_out else out_s))
@@ -518,12 +518,12 @@ def _clone_linear_ws_op(x: Tensor, w_s: Tensor, bias: Optional[Tensor], target: 
     _check_row_weight(row_weight, x, target)
     _grad_acc.check(_OP, grad_acc, w_s, "w_s")
     with _no_autocast(x):
-        y = torch.addmm(bias, x, w_s.t()) if bias is not None else torch.mm(x, w_s.t())
+        y = _cpu_gemm.linear(x, w_s, bias)
         empty = x.new_empty(0)
         if target is None:
             return y, x.new_zeros((), dtype=_ext.acc_dtype(x.dtype)), empty, empty.clone()
         if side_out:
-            d = t = torch.mm(target, proj)
+            d = t = _cpu_gemm.linear(target, proj.t())
         else:
             t = target if _rows_ok(target) else target.contiguous()
             d = torch.empty_like(y)
@@ -590,7 +590,7 @@ def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Te
         if grad_y is not None and not _rows_ok(grad_y):
             grad_y = grad_y.contiguous()
         g = _merge(grad_y, d, grad_mse, k) if use_mse else (grad_y if grad_y is not None else x.new_zeros(n, out_s))
-        gx = torch.mm(g, w_s) if need_x else empty
+        gx = _cpu_gemm.linear(g, w_s.t()) if need_x else empty
         gw = empty.clone()
         if need_w and grad_acc is not None:
             _grad_acc.addmm_(grad_acc, g.t(), x)
@@ -600,7 +600,7 @@ def _clone_linear_ws_backward_op(grad_y: Optional[Tensor], grad_mse: Optional[Te
         gt, gp = empty.clone(), empty.clone()
         s = grad_mse.to(_ext.acc_dtype(d.dtype)) * (-k) if use_mse else None
         if need_t:
-            gt = (((torch.mm(d, proj.t()) if side_out else d) * s).to(d.dtype) if use_mse
+            gt = (((_cpu_gemm.linear(d, proj) if side_out else d) * s).to(d.dtype) if use_mse
                   else x.new_zeros((n, proj.shape[0] if side_out else out_s)))
         if need_p:
             gp = (g_t * s).to(proj.dtype) if (use_mse and side_out) else torch.zeros_like(proj)

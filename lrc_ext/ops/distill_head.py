@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import _ext
-from . import _grad_acc
+from . import _cpu_gemm, _grad_acc
 
 _OP = "distill_head"
 IGNORE_INDEX = -100
@@ -360,31 +360,29 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     prescale = _fp16_prescale(h_s.dtype, lm_coef, kl_coef) if need_grad else 1.0
 
     rows = plan_chunk(n_rows, vocab, h_s.dtype, dev, do_kl, chunk_size or None)
-    zs_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
-    zt_buf = torch.empty(rows, vocab, dtype=h_s.dtype, device=dev) if do_kl else None
+    ws_given = w_s is not None
+    w_s = w_head_t @ p_head if w_s is None else w_s  # (V, d_S), once
+    # the logits: GEMMs into two reused buffers, or oneDNN's own fresh products (ops/_cpu_gemm.py)
+    fresh = _cpu_gemm.takes(hs[:rows], w_s)
+    zs_buf = None if fresh else torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
+    zt_buf = None if fresh or not do_kl else torch.empty(rows, vocab, dtype=h_s.dtype, device=dev)
     ce_rows = torch.empty(n_valid, dtype=acc, device=dev) if do_ce else None
     kl_rows = torch.empty(n_rows, dtype=acc, device=dev) if do_kl else None
     gh_v = g_h if (need_h and idx is None) else (torch.empty(n_rows, d_s, dtype=acc, device=dev) if need_h else None)
     mode = _backward_gemms(n_rows, vocab, d_t, d_s, need_h, need_p, h_s.dtype) if need_grad else "none"
-    mode = "student" if (w_s is not None and need_grad) else mode
-    grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows, w_s is not None)
+    mode = "student" if (ws_given and need_grad) else mode
+    grads = _HeadGrads(mode, gh_v, g_p, w_head_t, p_head, need_h, need_p, 1.0 / prescale, rows, ws_given)
     # segments: the labelled rows (CE and KL), then the unlabelled ones (KL only, CE off)
     segs = [(a, b, ce) for a, b, ce in ((0, n_valid, do_ce), (n_valid, n_rows, False)) if b > a]
     if record:
         last_plan.update(chunk_rows=rows, n_chunks=sum(-(-(b - a) // rows) for a, b, _ in segs), backward_gemms=mode,
-                         buffer_bytes=zs_buf.nbytes + (zt_buf.nbytes if zt_buf is not None else 0))
-
-    w_s = w_head_t @ p_head if w_s is None else w_s  # (V, d_S), once
+                         buffer_bytes=rows * vocab * h_s.dtype.itemsize * (2 if do_kl else 1))
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
         for a, b, ce in segs:
             for r0 in range(a, b, rows):
                 r1 = min(b, r0 + rows)
-                zs = zs_buf[:r1 - r0]
-                torch.mm(hs[r0:r1], w_s.t(), out=zs)
-                zt = None
-                if do_kl:
-                    zt = zt_buf[:r1 - r0]
-                    torch.mm(ht[r0:r1], w_head_t.t(), out=zt)
+                zs = _logits(hs[r0:r1], w_s, zs_buf)
+                zt = _logits(ht[r0:r1], w_head_t, zt_buf) if do_kl else None
                 _launch_rows(zs, zt, lab[r0:r1], 1.0 / tau, lm_coef * prescale if ce else 0.0, kl_coef * prescale,
                              ce_rows[r0:r1] if ce else None, kl_rows[r0:r1] if do_kl else None, need_grad)
                 grads.add(zs, hs[r0:r1], w_s, r0, r1)  # zs now holds the logits gradient g
@@ -395,6 +393,13 @@ def _compute(h_s: Tensor, h_t: Tensor | None, w_head_t: Tensor, p_head: Tensor, 
     lm = ce_rows.sum() * (lm_weight / n_valid) if do_ce else zero
     kl = kl_rows.sum() * kl_scale if do_kl else zero.clone()
     return lm, kl, g_h, g_p
+
+
+def _logits(h: Tensor, w: Tensor, buf: Tensor | None) -> Tensor:
+    """h @ w.T into the first rows of buf; buf None: a fresh product (oneDNN's)."""
+    if buf is None:
+        return _cpu_gemm.linear(h, w)
+    return torch.mm(h, w.t(), out=buf[:h.shape[0]])
 
 
 def _order_rows(h_s: Tensor, h_t: Tensor | None, labels: Tensor, n_valid: int, n_rows: int):
