@@ -4,8 +4,8 @@
 torch multiplies fp32 matrices on the CPU with MKL. On AMD CPUs MKL takes a generic code path
 (it dispatches its fastest kernels by CPU vendor), while oneDNN, which torch also bundles (its
 ``mkldnn::_linear_pointwise`` op, what torch.compile's CPU code calls for linears), runs the
-same products at full precision 1.2-1.6x faster there (measured on an AMD EPYC with AVX-512:
-bench/results/cpu_gemm.md). On Intel CPUs MKL is the fast one. So:
+same products at full precision 1.1-1.5x faster there (the head's logits gain most; measured on
+an AMD EPYC with AVX-512: bench/results/cpu_gemm.md). On Intel CPUs MKL is the fast one. So:
 
 - backend "auto" (the default): oneDNN on AMD CPUs, MKL elsewhere; "mkl" / "onednn" force one
   (``set_backend``, the trainer's ``--cpu-gemm``, env ``LRC_CPU_GEMM``). The choice is a rule
@@ -80,10 +80,11 @@ def describe() -> str:
     """The backend in use and why, for a run's plan line."""
     name = _resolved()
     if _backend != "auto":
-        how = f"{_backend} asked for" + ("" if name == _backend else ", but this torch lacks oneDNN's linear op")
+        how = f"{_backend} asked for (--cpu-gemm / LRC_CPU_GEMM)" + (
+            "" if name == _backend else ", but this torch lacks oneDNN's linear op")
     else:
         vendor = cpu_vendor() or "unknown vendor"
-        how = f"auto: {vendor} CPU" + (", oneDNN faster than MKL there" if name == "onednn" else "")
+        how = f"auto: {vendor} CPU" + (", on which MKL runs a generic path" if name == "onednn" else "")
         if vendor == "AuthenticAMD" and name == "mkl":
             how += ", but this torch lacks oneDNN's linear op"
     return f"fp32 CPU GEMMs on {'oneDNN' if name == 'onednn' else 'MKL'} ({how})"
