@@ -147,13 +147,13 @@ def resolve_device(cfg: TrainConfig):
     return device, dtype, autocast_for(device, dtype), why
 
 
-def cpu_gemm_backend(cfg: TrainConfig, device) -> str:
-    """--cpu-gemm: set the fp32 CPU GEMM backend; what it is and why ('' off the CPU)."""
+def cpu_gemm_backend(cfg: TrainConfig) -> str:
+    """--cpu-gemm: set the fp32 CPU GEMM backend; what it is and why."""
     from .ops import _cpu_gemm
     if cfg.cpu_gemm != "auto":
         _cpu_gemm.set_backend(cfg.cpu_gemm)
     try:
-        return _cpu_gemm.describe() if device.type == "cpu" else ""
+        return _cpu_gemm.describe()
     except ValueError as e:  # a bad LRC_CPU_GEMM in the environment
         raise ConfigError(str(e)) from None
 
@@ -182,14 +182,16 @@ def cpu_flags() -> set:
 def bf16_matmul_speedup(m: int = 256, k: int = 768, n: int = 768, reps: int = 3) -> float:
     """fp32 time / bf16 time of one (m, k) @ (k, n) CPU matmul, best of reps, interleaved. A flag
     says the instruction exists, not that torch's kernels reach it (a VM can mask it, a build can
-    lack the path); emulated bf16 runs ~100x slower than fp32, native ~1.5-2x faster."""
-    a, b = torch.randn(m, k), torch.randn(k, n)
+    lack the path); emulated bf16 runs ~100x slower than fp32, native ~1.5-2x faster. fp32 is
+    timed on the backend the run's fp32 linears take (--cpu-gemm: set before this runs)."""
+    from .ops import _cpu_gemm
+    a, b = torch.randn(m, k), torch.randn(n, k)
     pairs = [(a, b), (a.bfloat16(), b.bfloat16())]
     best = [math.inf, math.inf]
     for _ in range(reps + 1):  # the first turn warms up (allocations, kernel selection)
         for i, (x, y) in enumerate(pairs):
             t = time.perf_counter()
-            x @ y
+            _cpu_gemm.linear(x, y) if i == 0 else x @ y.t()
             best[i] = min(best[i], time.perf_counter() - t)
     return best[0] / best[1]
 
@@ -383,8 +385,8 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     from . import data as data_mod
     from . import teacher as teacher_mod
     global _MAIN
+    gemm = cpu_gemm_backend(cfg)  # before resolve_device: --dtype auto times fp32 GEMMs on this backend
     device, dtype, amp, dtype_why = resolve_device(cfg)
-    gemm = cpu_gemm_backend(cfg, device)
     par = distributed.Parallel(distributed.resolve_mode(cfg.parallel))
     par.init(device.type, cfg.dist_timeout)
     if device.type == "cpu":  # only a CPU's auto choice is measured, so only there can ranks differ
@@ -433,7 +435,7 @@ def setup(cfg: TrainConfig, resume_from: Path | None) -> "Trainer":
     say(f"plan     {total} steps x {step_tokens:,} tokens ({accum} x {cfg.micro_batch_size} x {cfg.seq_len}) = "
         f"{total * step_tokens:,} tokens on {device} ({dtype}{' autocast' if dtype == 'bfloat16' else ''}, "
         f"{dtype_why}); lr {cfg.lr:g}, {cfg.warmup_steps()} warmup steps"
-        + (f"; {gemm}" if gemm and dtype == "float32" else "")
+        + (f"; {gemm}" if device.type == "cpu" and dtype == "float32" else "")
         + ("; activation checkpointing (each layer pair runs again in the backward)"
            if cfg.activation_checkpointing else "")
         + ("; host memory trimmed around each layer (--host-trim off: faster steps, higher RSS)" if trim else ""))

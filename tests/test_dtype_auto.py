@@ -47,9 +47,15 @@ def test_probe_runs_without_flags_only_when_needed(monkeypatch):
     assert train.auto_dtype(torch.device("cpu"))[0] == "float32" and not calls
 
 
-def test_bf16_matmul_speedup_measures():
-    s = train.bf16_matmul_speedup(m=32, k=64, n=64, reps=1)
+def test_bf16_matmul_speedup_measures(monkeypatch):
+    """fp32's side runs on the backend the run's fp32 linears take (lrc_ext.ops._cpu_gemm)."""
+    from lrc_ext.ops import _cpu_gemm
+    calls = []
+    real = _cpu_gemm.linear
+    monkeypatch.setattr(_cpu_gemm, "linear", lambda a, b: calls.append((a.dtype, a.shape, b.shape)) or real(a, b))
+    s = train.bf16_matmul_speedup(m=32, k=64, n=48, reps=1)
     assert math.isfinite(s) and s > 0
+    assert calls == [(torch.float32, (32, 64), (48, 64))] * 2  # warm-up and one timed turn
 
 
 def test_ranks_agree_on_auto_dtype(monkeypatch):
