@@ -32,23 +32,18 @@ from lrc_ext.ops import _cpu_gemm
 def cases(n: int, d_t: int, d_s: int, ffn: int, vocab: int):
     """(name, a, b): the product a @ b.T, with a and b in the layouts the ops pass."""
     r = torch.randn
-    rows = [
+    return [
         ("q/o in, d_S x d_S", "linear", r(n, d_s), r(d_s, d_s)),
         ("gate/up, d_S -> ffn_S", "linear", r(n, d_s), r(ffn // 2, d_s)),
         ("down, ffn_S -> d_S", "linear", r(n, ffn // 2), r(d_s, ffn // 2)),
         ("teacher gate/up", "linear", r(n, d_t), r(ffn, d_t)),
         ("teacher down", "linear", r(n, ffn), r(d_t, ffn)),
         ("head logits", "linear", r(n, d_s), r(vocab, d_s)),
-        ("grad_x gate/up", "grad_x", r(n, ffn // 2), r(d_s, ffn // 2).t().contiguous().t()),
+        ("grad_x gate/up", "grad_x", r(n, ffn // 2), r(ffn // 2, d_s).t()),  # g @ W: b = W.T, a view
         ("grad_x head", "grad_x", r(n, vocab), r(vocab, d_s).t()),
-        ("grad_w gate/up", "grad_w", r(ffn // 2, n), r(d_s, n)),
+        # g.T @ x: a = g.T (out, N), b = x.T (in, N), both views of token-major tensors
+        ("grad_w gate/up", "grad_w", r(n, ffn // 2).t(), r(n, d_s).t()),
     ]
-    out = []
-    for name, form, a, b in rows:
-        if form == "grad_w":  # g.T @ x: a = g.T (out, N), b = x.T (in, N), both views
-            a, b = a.t().contiguous().t(), b.t().contiguous().t()
-        out.append((name, form, a, b))
-    return out
 
 
 def main(argv=None) -> int:

@@ -159,7 +159,7 @@ class LayerWalk:
 
     @torch.no_grad()
     def teacher_layer(self, tl: nn.Module, x_t: Tensor) -> Tensor:
-        with _cpu_gemm.teacher_linears():  # fp32 CPU: its linears on oneDNN where that is faster
+        with _cpu_gemm.teacher_linears(x_t):  # fp32 CPU: its linears on oneDNN where that is faster
             out = tl(x_t, attention_mask=self.mask(tl), position_ids=self.pos, position_embeddings=self.cos_sin(tl))
         return out[0] if isinstance(out, tuple) else out  # transformers < 5 returns a tuple
 

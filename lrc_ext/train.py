@@ -43,6 +43,7 @@ import torch.nn.functional as F
 
 from . import checkpoint, config, distributed, loggers
 from .config import ConfigError, TrainConfig
+from .ops import _cpu_gemm
 from .step_weights import StepWeights
 
 PROG = "lrc_ext.train"
@@ -149,7 +150,6 @@ def resolve_device(cfg: TrainConfig):
 
 def cpu_gemm_backend(cfg: TrainConfig) -> str:
     """--cpu-gemm: set the fp32 CPU GEMM backend; what it is and why."""
-    from .ops import _cpu_gemm
     if cfg.cpu_gemm != "auto":
         _cpu_gemm.set_backend(cfg.cpu_gemm)
     try:
@@ -169,14 +169,7 @@ BF16_MIN_SPEEDUP = 1.1  # auto takes bf16 only where its matmul measurably beats
 
 def cpu_flags() -> set:
     """The CPU's feature flags from /proc/cpuinfo (empty where there is none)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith(("flags", "Features")):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set(_cpu_gemm.cpuinfo_field("flags", "Features").split())
 
 
 def bf16_matmul_speedup(m: int = 256, k: int = 768, n: int = 768, reps: int = 3) -> float:
@@ -184,7 +177,6 @@ def bf16_matmul_speedup(m: int = 256, k: int = 768, n: int = 768, reps: int = 3)
     says the instruction exists, not that torch's kernels reach it (a VM can mask it, a build can
     lack the path); emulated bf16 runs ~100x slower than fp32, native ~1.5-2x faster. fp32 is
     timed on the backend the run's fp32 linears take (--cpu-gemm: set before this runs)."""
-    from .ops import _cpu_gemm
     a, b = torch.randn(m, k), torch.randn(n, k)
     pairs = [(a, b), (a.bfloat16(), b.bfloat16())]
     best = [math.inf, math.inf]

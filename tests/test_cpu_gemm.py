@@ -15,14 +15,9 @@ pytestmark = pytest.mark.skipif(not _cpu_gemm.onednn_available(), reason="this t
 SHAPES = [(1, 1, 1), (37, 29, 1), (5, 1200, 1280), (300, 1200, 37), (129, 96, 1000)]
 
 
-@pytest.fixture
-def onednn(monkeypatch):
-    """Every fp32 linear of the linear form to oneDNN, whatever its size or the CPU's vendor."""
-    monkeypatch.setattr(_cpu_gemm, "MIN_MACS", 0)
-    monkeypatch.setattr(_cpu_gemm, "_backend", "onednn")
-    _cpu_gemm._resolved.cache_clear()
-    yield
-    _cpu_gemm._resolved.cache_clear()
+# Every fp32 product of the linear form to oneDNN, whatever its size or the CPU's vendor
+# (conftest's cpu_gemm fixture).
+onednn = pytest.mark.parametrize("cpu_gemm", ["onednn"], indirect=True)
 
 
 @pytest.fixture
@@ -55,7 +50,8 @@ def operands(m, k, n, layout):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("layout", ["contiguous", "transposed", "strided"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_linear_matches_fp64(onednn, shape, layout, bias):
+@onednn
+def test_linear_matches_fp64(cpu_gemm, shape, layout, bias):
     m, k, n = shape
     a, b = operands(m, k, n, layout)
     c = torch.randn(n) if bias else None
@@ -69,13 +65,15 @@ def test_linear_matches_fp64(onednn, shape, layout, bias):
     assert relerr(ref, exact) < 2e-6
 
 
-def test_empty_and_k_zero(onednn):
+@onednn
+def test_empty_and_k_zero(cpu_gemm):
     assert _cpu_gemm.linear(torch.randn(0, 8), torch.randn(5, 8)).shape == (0, 5)
     out = _cpu_gemm.linear(torch.randn(4, 0), torch.randn(5, 0), torch.arange(5.0))
     assert torch.equal(out, torch.arange(5.0).expand(4, 5))
 
 
-def test_what_stays_with_torch(onednn):
+@onednn
+def test_what_stays_with_torch(cpu_gemm):
     """Only fp32 2-D CPU products with no autograd inputs, positive strides and a plain bias go
     to oneDNN; the rest falls back to torch's GEMM with the same result."""
     a, b = torch.randn(6, 8), torch.randn(5, 8)
@@ -158,7 +156,8 @@ def test_set_backend(monkeypatch):
     _cpu_gemm._resolved.cache_clear()
 
 
-def test_teacher_linears_route_no_grad_linears(onednn, monkeypatch):
+@onednn
+def test_teacher_linears_route_no_grad_linears(cpu_gemm, monkeypatch):
     calls = []
     real = _cpu_gemm.linear
     monkeypatch.setattr(_cpu_gemm, "linear", lambda *a: calls.append(a[0].shape) or real(*a))
@@ -166,7 +165,7 @@ def test_teacher_linears_route_no_grad_linears(onednn, monkeypatch):
     x = torch.randn(3, 7, 24)
     with torch.no_grad():
         exp = lin(x)
-        with _cpu_gemm.teacher_linears():
+        with _cpu_gemm.teacher_linears(x):
             got = lin(x)
             got_nobias = F.linear(x, lin.weight)
             got_kw = F.linear(x, lin.weight, bias=lin.bias)
@@ -176,20 +175,25 @@ def test_teacher_linears_route_no_grad_linears(onednn, monkeypatch):
     torch.testing.assert_close(got_kw, exp, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got_nobias, exp - lin.bias, rtol=1e-5, atol=1e-5)
     calls.clear()
-    with _cpu_gemm.teacher_linears():  # grad on: autograd's own linear
+    with _cpu_gemm.teacher_linears(x):  # grad on: autograd's own linear
         y = lin(x)
     y.sum().backward()
     assert calls == [] and lin.weight.grad is not None
 
 
 def test_teacher_linears_noop_on_mkl(vendor):
+    x = torch.randn(2, 3)
     vendor("GenuineIntel")
-    assert not isinstance(_cpu_gemm.teacher_linears(), _cpu_gemm._Linears)
+    assert not isinstance(_cpu_gemm.teacher_linears(x), _cpu_gemm._Linears)
     vendor("AuthenticAMD")
-    assert isinstance(_cpu_gemm.teacher_linears(), _cpu_gemm._Linears)
+    assert isinstance(_cpu_gemm.teacher_linears(x), _cpu_gemm._Linears)
+    # a bf16 teacher (autocast runs) or fp64: no hook on every torch call of the layer
+    for other in (x.bfloat16(), x.double()):
+        assert not isinstance(_cpu_gemm.teacher_linears(other), _cpu_gemm._Linears)
 
 
-def test_ops_take_onednn(onednn, monkeypatch):
+@onednn
+def test_ops_take_onednn(cpu_gemm, monkeypatch):
     """The fused ops' forward and input-gradient products and the head's logits go through
     linear (and so to oneDNN here); their values are checked in the ops' own tests, run
     with the cpu_gemm fixture on both backends."""

@@ -16,7 +16,7 @@ an AMD EPYC with AVX-512: bench/results/cpu_gemm.md). On Intel CPUs MKL is the f
   dimension over the tokens) runs slower there than in MKL, so it stays with torch.
 - fp32 only (oneDNN has no fp64 GEMM; bf16 / fp16 GEMMs already go to oneDNN inside torch).
 
-``linear`` is what our ops call; ``teacher_linears()`` routes the frozen teacher's own
+``linear`` is what our ops call; ``teacher_linears(x)`` routes the frozen teacher's own
 ``nn.Linear`` calls (transformers' modules, no grad) the same way for the span of a block.
 """
 from __future__ import annotations
@@ -50,17 +50,22 @@ def onednn_available() -> bool:
     return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
 
 
-@functools.lru_cache(maxsize=None)
-def cpu_vendor() -> str:
-    """The CPU's vendor id ('AuthenticAMD', 'GenuineIntel', ...), '' where /proc/cpuinfo has none."""
+def cpuinfo_field(*keys: str) -> str:
+    """The value of the first /proc/cpuinfo line starting with one of keys ('' where none)."""
     try:
         with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.startswith(keys):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_vendor() -> str:
+    """The CPU's vendor id ('AuthenticAMD', 'GenuineIntel', ...), '' where /proc/cpuinfo has none."""
+    return cpuinfo_field("vendor_id")
 
 
 @functools.lru_cache(maxsize=None)
@@ -130,7 +135,10 @@ class _Linears(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def teacher_linears():
-    """A context in which no-grad ``F.linear`` calls (the frozen teacher's nn.Linear modules)
-    take ``linear``'s path; a no-op context where that path is MKL's anyway."""
-    return _Linears() if backend() == "onednn" else contextlib.nullcontext()
+def teacher_linears(x: Tensor):
+    """A context in which no-grad ``F.linear`` calls (the frozen teacher's nn.Linear modules,
+    fed x) take ``linear``'s path; a no-op context, with no per-call hook, where that path
+    would be torch's anyway (x not fp32 on the CPU, or the backend MKL)."""
+    if x.device.type == "cpu" and x.dtype == torch.float32 and backend() == "onednn":
+        return _Linears()
+    return contextlib.nullcontext()
